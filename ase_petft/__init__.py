@@ -1,0 +1,60 @@
+"""ase_petft: on-the-fly fine-tuning of PET potentials inside ASE simulations.
+
+Only load checkpoints you trust: metatrain checkpoints are Python pickles.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CheckpointError,
+    FineTuneError,
+    LabelBufferError,
+    LabellingError,
+    ModelSwapError,
+    PetftError,
+    UnsupportedSystemError,
+    VariantError,
+)
+
+# Heavy modules (torch, metatrain) are imported on first use of their names.
+_LAZY = {
+    "FineTunableCalculator": "calculator",
+    "demo_checkpoint": "data",
+    "LabelBuffer": "buffer",
+    "label": "labelling",
+    "label_many": "labelling",
+    "finetune": "finetune",
+    "FineTuneConfig": "config",
+    "FineTuneResult": "config",
+}
+
+__all__ = [
+    "__version__",
+    "PetftError",
+    "CheckpointError",
+    "VariantError",
+    "ModelSwapError",
+    "UnsupportedSystemError",
+    "LabelBufferError",
+    "LabellingError",
+    "FineTuneError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ase_petft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

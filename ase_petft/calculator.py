@@ -1,0 +1,284 @@
+"""FineTunableCalculator: an ASE calculator around a PET checkpoint, one energy variant.
+
+The calculator keeps the live PET module and evaluates it through metatomic's own ASE
+calculator (same neighbour lists, same autograd path), so its predictions are those of
+``metatomic_ase.MetatomicCalculator`` on the same weights. Hot swaps copy new weights
+into that live module in place, under a lock, so a swap never lands in the middle of a
+force evaluation and ``atoms.calc`` stays the same object.
+
+Only load checkpoints you trust: metatrain checkpoints are Python pickles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from ase.calculators.calculator import (
+    Calculator,
+    PropertyNotImplementedError,
+    all_changes,
+)
+
+from . import _metatrain
+from .errors import CheckpointError, ModelSwapError, UnsupportedSystemError, VariantError
+from .variants import closest_variant, is_one_typo_away, validate_variant
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FineTunableCalculator", "StressUnavailableError"]
+
+_DTYPES = {"float32": "float32", "float64": "float64"}
+
+
+class StressUnavailableError(UnsupportedSystemError, PropertyNotImplementedError):
+    """Stress was requested for a cell that is not periodic in all directions."""
+
+
+def new_variant_description(variant: str, inherit_from: str) -> str:
+    """The description of a variant ase_petft creates (kept identical across rounds)."""
+    return f"{variant} (ase_petft variant, initialised from {inherit_from})"
+
+
+class FineTunableCalculator(Calculator):
+    """ASE calculator predicting one energy variant of a PET checkpoint.
+
+    :param checkpoint: path of a metatrain PET checkpoint (``.ckpt``; trusted pickle).
+    :param variant: ``"energy"`` or ``"energy/<name>"``.
+    :param inherit_from: head a missing ``variant`` is created from (predictions then
+        start equal to it); ``None`` makes a missing variant an error.
+    :param device: torch device (``"cpu"``, ``"cuda"``); default: CPU.
+    :param dtype: ``"float32"`` or ``"float64"`` (or a torch dtype); default: the
+        checkpoint's own dtype.
+    :param workdir: where generations written by :meth:`finetune` go (default: a
+        ``petft-<variant>`` folder next to the checkpoint is *not* used; a temporary
+        directory is created on first fine-tune).
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    # labels must never come from a model: LabelBuffer refuses calculators with this
+    _ase_petft_model_prediction = True
+
+    def __init__(
+        self,
+        checkpoint: os.PathLike | str,
+        *,
+        variant: str = "energy",
+        inherit_from: Optional[str] = "energy",
+        device: Optional[str] = None,
+        dtype: Any = None,
+        workdir: Optional[os.PathLike | str] = None,
+    ) -> None:
+        super().__init__()
+        self._variant = validate_variant(variant)
+        self._inherit_from = None if inherit_from is None else validate_variant(inherit_from)
+        self._checkpoint_path = pathlib.Path(checkpoint).resolve()
+        self._workdir = None if workdir is None else pathlib.Path(workdir)
+        self._generation = 0
+        self._lock = threading.RLock()
+        self._device_name = str(device) if device is not None else "cpu"
+
+        self._model = _metatrain.load_model(self._checkpoint_path)
+        self._dtype = _resolve_dtype(dtype, self._model)
+        self._created_variant = self._ensure_variant(self._model)
+        self._variants = _metatrain.energy_variants(self._model)
+        self._atomic_types = set(_metatrain.atomic_types(self._model))
+        self._inner = self._build_inner()
+        self.parameters = self.todict()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def variant(self) -> str:
+        """The energy variant this calculator predicts."""
+        return self._variant
+
+    @property
+    def variants(self) -> List[str]:
+        """Every energy variant the current model can predict."""
+        return list(self._variants)
+
+    @property
+    def generation(self) -> int:
+        """0 after load, +1 per successful :meth:`swap_model`."""
+        return self._generation
+
+    @property
+    def checkpoint_path(self) -> pathlib.Path:
+        """The checkpoint the current weights came from."""
+        return self._checkpoint_path
+
+    @property
+    def atomic_types(self) -> List[int]:
+        return sorted(self._atomic_types)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._dtype).replace("torch.", "")
+
+    @property
+    def device(self) -> str:
+        return self._device_name
+
+    # ------------------------------------------------------------------ setup
+    def _ensure_variant(self, model) -> bool:
+        available = _metatrain.energy_variants(model)
+        if self._variant in available:
+            return False
+        if self._inherit_from is None:
+            close = closest_variant(self._variant, available)
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise VariantError(
+                f"unknown variant {self._variant!r}; this model has {available}{hint} "
+                "Pass inherit_from='energy' (or another variant) to create it as a new "
+                "head"
+            )
+        if self._inherit_from not in available:
+            raise VariantError(
+                f"cannot create variant {self._variant!r} from {self._inherit_from!r}: "
+                f"the model has no {self._inherit_from!r} head (available: {available})"
+            )
+        for name in available:
+            if is_one_typo_away(self._variant, name):
+                logger.warning(
+                    "creating new variant %r, one typo away from existing %r: "
+                    "is this intended?", self._variant, name
+                )
+        _metatrain.add_variant(
+            model,
+            self._variant,
+            inherit_from=self._inherit_from,
+            description=new_variant_description(self._variant, self._inherit_from),
+        )
+        return True
+
+    def _build_inner(self):
+        import metatomic_ase
+        import torch
+
+        exported = _metatrain.prepare_for_inference(
+            self._model, dtype=self._dtype, device=torch.device(self._device_name)
+        )
+        suffix = None if self._variant == "energy" else self._variant.split("/", 1)[1]
+        return metatomic_ase.MetatomicCalculator(
+            exported,
+            variants={"energy": suffix},
+            device=self._device_name,
+            uncertainty_threshold=None,
+        )
+
+    @property
+    def model(self):
+        """The live PET module (read-only use: never train it in place)."""
+        return self._model
+
+    # ------------------------------------------------------------------ ASE contract
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        with self._lock:
+            Calculator.calculate(self, atoms, properties, system_changes)
+            self._check_atoms(self.atoms, properties)
+            inner = self._inner
+            inner.calculate(self.atoms, list(properties), system_changes)
+            results = dict(inner.results)
+            results["free_energy"] = results["energy"]
+            if "stress" in results and not self.atoms.pbc.all():
+                del results["stress"]
+            self.results = results
+
+    def _check_atoms(self, atoms, properties) -> None:
+        unknown = sorted(set(int(z) for z in atoms.numbers) - self._atomic_types)
+        if unknown:
+            from ase.data import chemical_symbols
+
+            names = [chemical_symbols[z] for z in unknown]
+            known = [chemical_symbols[z] for z in sorted(self._atomic_types)]
+            raise UnsupportedSystemError(
+                f"the model does not know element(s) {names}; it was trained on "
+                f"{known}. Use a checkpoint that covers these elements"
+            )
+        if "stress" in properties and not atoms.pbc.all():
+            raise StressUnavailableError(
+                f"stress needs a cell periodic in all directions, got pbc="
+                f"{atoms.pbc.tolist()}; set atoms.pbc = True with a proper cell, or "
+                "do not ask for stress"
+            )
+
+    def todict(self) -> Dict[str, Any]:
+        """JSON-safe description of this calculator (never raises)."""
+        try:
+            return {
+                "checkpoint": str(self._checkpoint_path),
+                "variant": self._variant,
+                "inherit_from": self._inherit_from,
+                "device": self._device_name,
+                "dtype": self.dtype,
+                "generation": int(self._generation),
+            }
+        except Exception:  # todict must never break trajectory writing
+            return {"variant": str(getattr(self, "_variant", "?"))}
+
+    # ------------------------------------------------------------------ hot swap
+    def swap_model(self, checkpoint: os.PathLike | str) -> int:
+        """Replace the weights in place from a checkpoint of the same architecture.
+
+        The calculator object stays the same, cached results are dropped and
+        :attr:`generation` increases by one. Returns the new generation. On any
+        mismatch a :class:`ModelSwapError` is raised and the old model keeps working.
+        """
+        path = pathlib.Path(checkpoint).resolve()
+        try:
+            new = _metatrain.load_model(path)
+        except CheckpointError as exc:
+            raise ModelSwapError(f"cannot swap in {str(path)!r}: {exc}") from exc
+        return self._swap_from_model(new, path)
+
+    def _swap_from_model(self, new, path: pathlib.Path) -> int:
+        with self._lock:
+            dropped = _metatrain.check_swap_compatible(
+                self._model, new, variant=self._variant
+            )
+            _metatrain.swap_weights(self._model, new)
+            self._variants = [v for v in _metatrain.energy_variants(self._model)
+                              if v not in dropped]
+            self._checkpoint_path = path
+            self._generation += 1
+            self.reset()
+            self._inner.reset()
+            self.parameters = self.todict()
+        if dropped:
+            logger.warning(
+                "generation %d has no head for %s (removed by a full/LoRA fine-tune "
+                "without replay); those variants are no longer available",
+                self._generation, dropped,
+            )
+        logger.info("swapped in %s as generation %d", path, self._generation)
+        return self._generation
+
+    def save_checkpoint(self, path: os.PathLike | str) -> pathlib.Path:
+        """Write the current weights (all variants) as a metatrain checkpoint."""
+        with self._lock:
+            return _metatrain.save_checkpoint(self._model, path)
+
+    def __repr__(self) -> str:
+        return (
+            f"FineTunableCalculator({str(self._checkpoint_path)!r}, "
+            f"variant={self._variant!r}, generation={self._generation})"
+        )
+
+
+def _resolve_dtype(dtype: Any, model):
+    import torch
+
+    if dtype is None:
+        return next(model.parameters()).dtype
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float64):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return getattr(torch, dtype)
+    raise CheckpointError(
+        f"unsupported dtype {dtype!r}; use 'float32' or 'float64' (or None for the "
+        "checkpoint's own dtype)"
+    )
