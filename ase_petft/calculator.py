@@ -168,6 +168,9 @@ class FineTunableCalculator(Calculator):
             variants={"energy": suffix},
             device=self._device_name,
             uncertainty_threshold=None,
+            # we add gradients ourselves: metatomic's own policy also computes a
+            # stress for molecules without a cell (division by a zero volume)
+            do_gradients_with_energy=False,
         )
 
     @property
@@ -181,7 +184,7 @@ class FineTunableCalculator(Calculator):
             Calculator.calculate(self, atoms, properties, system_changes)
             self._check_atoms(self.atoms, properties)
             inner = self._inner
-            inner.calculate(self.atoms, list(properties), system_changes)
+            inner.calculate(self.atoms, _with_gradients(properties, self.atoms), system_changes)
             results = dict(inner.results)
             results["free_energy"] = results["energy"]
             if "stress" in results and not self.atoms.pbc.all():
@@ -267,6 +270,15 @@ class FineTunableCalculator(Calculator):
             f"FineTunableCalculator({str(self._checkpoint_path)!r}, "
             f"variant={self._variant!r}, generation={self._generation})"
         )
+
+
+def _with_gradients(properties, atoms) -> List[str]:
+    """Forces (and stress for periodic cells) come with every energy: MD and
+    optimisers ask for them next, and one backward pass gives both."""
+    wanted = set(properties) | {"energy", "forces"}
+    if atoms.pbc.all():
+        wanted.add("stress")
+    return sorted(wanted)
 
 
 def _resolve_dtype(dtype: Any, model):

@@ -73,6 +73,7 @@ def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
             f"checkpoint file {str(path)!r} does not exist; pass the path of a "
             "metatrain PET checkpoint (.ckpt) written by 'mtt train' or ase_petft"
         )
+    _pet_class()  # registers metatomic/metatensor TorchScript classes the pickle uses
     try:
         with preserved_global_state(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -83,7 +84,12 @@ def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
             "Expected a metatrain checkpoint (.ckpt) as written by 'mtt train'; an "
             "exported metatomic model (.pt) cannot be fine-tuned"
         ) from exc
-    if not isinstance(ckpt, dict) or "architecture_name" not in ckpt:
+    if isinstance(ckpt, torch.jit.ScriptModule) or not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{str(path)!r} is an exported metatomic model (.pt), not a metatrain "
+            "checkpoint; fine-tuning needs the .ckpt it was exported from"
+        )
+    if "architecture_name" not in ckpt:
         raise CheckpointError(
             f"{str(path)!r} is not a metatrain checkpoint (no 'architecture_name'); "
             "expected a PET .ckpt written by 'mtt train' or ase_petft"
