@@ -54,9 +54,8 @@ class FineTunableCalculator(Calculator):
     :param device: torch device (``"cpu"``, ``"cuda"``); default: CPU.
     :param dtype: ``"float32"`` or ``"float64"`` (or a torch dtype); default: the
         checkpoint's own dtype.
-    :param workdir: where generations written by :meth:`finetune` go (default: a
-        ``petft-<variant>`` folder next to the checkpoint is *not* used; a temporary
-        directory is created on first fine-tune).
+    :param workdir: where :meth:`finetune` writes its generation directories
+        (``gen-0001``, ...); default: a new temporary directory per fine-tune.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -259,6 +258,22 @@ class FineTunableCalculator(Calculator):
             )
         logger.info("swapped in %s as generation %d", path, self._generation)
         return self._generation
+
+    def finetune(self, frames, config=None, *, output_dir=None):
+        """Fine-tune this calculator's variant on labelled ``frames`` and hot-swap it.
+
+        Trains from the current generation (in-process, see :func:`ase_petft.finetune`)
+        and swaps the result into this same object (``generation`` += 1). Returns the
+        :class:`~ase_petft.FineTuneResult`.
+        """
+        from .finetune import finetune_calculator
+
+        return finetune_calculator(self, frames, config, output_dir=output_dir)
+
+    @property
+    def workdir(self) -> Optional[pathlib.Path]:
+        """Where :meth:`finetune` writes its generation directories (None: temporary)."""
+        return self._workdir
 
     def save_checkpoint(self, path: os.PathLike | str) -> pathlib.Path:
         """Write the current weights (all variants) as a metatrain checkpoint."""
