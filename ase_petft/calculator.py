@@ -26,6 +26,7 @@ from ase.calculators.calculator import (
 
 from . import _metatrain
 from .errors import CheckpointError, ModelSwapError, UnsupportedSystemError, VariantError
+from .uncertainty import EnergyUncertainty
 from .variants import closest_variant, is_one_typo_away, validate_variant
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class FineTunableCalculator(Calculator):
         self._variants = _metatrain.energy_variants(self._model)
         self._atomic_types = set(_metatrain.atomic_types(self._model))
         self._inner = self._build_inner()
+        self._uncertainty = EnergyUncertainty(self)
         self.parameters = self.todict()
 
     # ------------------------------------------------------------------ properties
@@ -274,6 +276,21 @@ class FineTunableCalculator(Calculator):
     def workdir(self) -> Optional[pathlib.Path]:
         """Where :meth:`finetune` writes its generation directories (None: temporary)."""
         return self._workdir
+
+    def fit_uncertainty(self, frames, calibration=None) -> None:
+        """Fit the LLPR energy uncertainty on labelled ``frames`` of this variant,
+        calibrated on held-out ``calibration`` labels (see :mod:`ase_petft.uncertainty`)."""
+        self._uncertainty.fit(frames, calibration)
+
+    def get_energy_uncertainty(self, atoms=None) -> float:
+        """Calibrated σ of the energy per atom (eV/atom) of ``atoms`` (default: the
+        last calculated structure). Costs one extra forward pass; the plain
+        energy/forces path never computes it."""
+        atoms = atoms if atoms is not None else self.atoms
+        if atoms is None:
+            raise UnsupportedSystemError("no atoms given and nothing calculated yet")
+        self._check_atoms(atoms, ())
+        return self._uncertainty.per_atom([atoms])[0]
 
     def save_checkpoint(self, path: os.PathLike | str) -> pathlib.Path:
         """Write the current weights (all variants) as a metatrain checkpoint."""
