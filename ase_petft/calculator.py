@@ -225,11 +225,13 @@ class FineTunableCalculator(Calculator):
             return {"variant": str(getattr(self, "_variant", "?"))}
 
     # ------------------------------------------------------------------ hot swap
-    def swap_model(self, checkpoint: os.PathLike | str) -> int:
+    def swap_model(self, checkpoint: os.PathLike | str, *,
+                   generation: Optional[int] = None) -> int:
         """Replace the weights in place from a checkpoint of the same architecture.
 
         The calculator object stays the same, cached results are dropped and
-        :attr:`generation` increases by one. Returns the new generation. On any
+        :attr:`generation` increases by one (or becomes ``generation`` when given,
+        e.g. when a learner resumes or rolls back). Returns the new generation. On any
         mismatch a :class:`ModelSwapError` is raised and the old model keeps working.
         """
         path = pathlib.Path(checkpoint).resolve()
@@ -237,9 +239,10 @@ class FineTunableCalculator(Calculator):
             new = _metatrain.load_model(path)
         except CheckpointError as exc:
             raise ModelSwapError(f"cannot swap in {str(path)!r}: {exc}") from exc
-        return self._swap_from_model(new, path)
+        return self._swap_from_model(new, path, generation=generation)
 
-    def _swap_from_model(self, new, path: pathlib.Path) -> int:
+    def _swap_from_model(self, new, path: pathlib.Path, *,
+                         generation: Optional[int] = None) -> int:
         with self._lock:
             dropped = _metatrain.check_swap_compatible(
                 self._model, new, variant=self._variant
@@ -247,8 +250,8 @@ class FineTunableCalculator(Calculator):
             _metatrain.swap_weights(self._model, new)
             self._variants = [v for v in _metatrain.energy_variants(self._model)
                               if v not in dropped]
-            self._checkpoint_path = path
-            self._generation += 1
+            self._checkpoint_path = pathlib.Path(path)
+            self._generation = self._generation + 1 if generation is None else int(generation)
             self.reset()
             self._inner.reset()
             self.parameters = self.todict()

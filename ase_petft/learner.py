@@ -1,0 +1,401 @@
+"""OnTheFlyLearner: label what the model does not know, refit, hot-swap, keep running.
+
+Attach it to any ASE dynamics or optimiser::
+
+    learner = OnTheFlyLearner(calc, reference=dft, buffer=buffer,
+                              select=uncertainty_above(0.02) | max_gap(200),
+                              refit_every=10, workdir="run1")
+    dyn.attach(learner, interval=1)
+    dyn.run(20_000)
+    learner.close()          # waits for a refit in flight
+
+At each call the learner decides (``select``) whether the current structure gets a
+reference label; labels go to the buffer with provenance (step, generation, the model's
+prediction and uncertainty at that moment); every ``refit_every`` new labels a refit of
+the calculator's variant starts — in a background thread by default, or on any
+``concurrent.futures.Executor`` — and its weights are swapped in *between two steps*
+(at the next call) if they beat the current model on held-out labels. A label is marked
+held-out (``holdout`` in its metadata) for a ``holdout_fraction`` of the labels; those
+are never trained on and judge every refit.
+
+Running the same script again resumes: labels come from the buffer (a structure already
+labelled is never sent to the reference again), the calculator gets the latest accepted
+generation, and generation numbers continue.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from . import _generations as gens
+from .errors import LabellingError, PetftError
+from .selection import (  # noqa: F401  (re-exported: policies live with the learner)
+    Policy, StepContext, always, every, max_gap, never, uncertainty_above,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OnTheFlyLearner", "every", "uncertainty_above", "max_gap", "Policy"]
+
+
+class OnTheFlyLearner:
+    """ASE observer that labels, refits and hot-swaps during a simulation.
+
+    :param calc: the running :class:`~ase_petft.FineTunableCalculator`.
+    :param reference: ASE calculator giving the labels (DFT, xTB, ...).
+    :param buffer: a writable :class:`~ase_petft.LabelBuffer`.
+    :param select: selection policy (default ``every(10)``).
+    :param refit_every: new labels that trigger a refit.
+    :param config: :class:`~ase_petft.FineTuneConfig` of the refits.
+    :param background: refit off the simulation's critical path (a thread, or
+        ``executor``); ``False`` refits inline (reproducible runs).
+    :param holdout_fraction: share of labels kept for the validation gate.
+    :param max_labels: budget of labels of this variant in the buffer.
+    :param workdir: where generations, decisions and history go (default: a new
+        temporary directory; pass a path to be able to restart).
+    :param atoms: the simulated atoms (default: the calculator's last structure).
+    :param executor: a ``concurrent.futures.Executor`` for refits.
+    :param tolerance: accept a refit whose held-out error is at most this fraction
+        worse than the current model's (default 0: must not be worse).
+    :param properties: what the reference computes (``"stress"`` is added for periodic
+        cells when listed).
+    :param refit_threads: torch threads of a background refit (1 keeps the MD fast on
+        small machines; see DESIGN.md, thread trap).
+    """
+
+    def __init__(self, calc, reference, buffer, *, select: Optional[Policy] = None,
+                 refit_every: int = 10, config=None, background: bool = True,
+                 holdout_fraction: float = 0.2, max_labels: Optional[int] = None,
+                 workdir=None, atoms=None, executor=None, tolerance: float = 0.0,
+                 properties=("energy", "forces"), refit_threads: Optional[int] = 1) -> None:
+        from .config import FineTuneConfig
+
+        _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
+                  max_labels, tolerance)
+        self.calc, self.reference, self.buffer = calc, reference, buffer
+        self.select = select if select is not None else every(10)
+        self.refit_every, self.background = int(refit_every), bool(background)
+        self.config = config if config is not None else FineTuneConfig()
+        self.holdout_fraction, self.max_labels = float(holdout_fraction), max_labels
+        self.tolerance, self.properties = float(tolerance), tuple(properties)
+        self.refit_threads = refit_threads
+        self.workdir = pathlib.Path(workdir) if workdir else pathlib.Path(
+            tempfile.mkdtemp(prefix="petft-learner-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._atoms, self._executor = atoms, executor
+        self._own_executor = None
+        self._future: Optional[concurrent.futures.Future] = None
+        self._step, self._since_label = 0, 0
+        self.history: List[Dict[str, Any]] = []
+        self.reference_calls = 0
+        self._resume()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def variant(self) -> str:
+        return self.calc.variant
+
+    @property
+    def refit_in_progress(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def _frames(self) -> list:
+        return list(self.buffer.frames(variant=self.variant))
+
+    def _resume(self) -> None:
+        frames = self._frames()
+        self._known = {_structure_key(a) for a in frames}
+        self._n_labels = len(frames)
+        self._n_holdout = sum(bool(a.info.get("holdout")) for a in frames)
+        done = gens.decisions(self.workdir)
+        self._labels_at_refit = max((d["n_labels_total"] for d in done), default=0)
+        self._attempt = gens.last_number(self.workdir)
+        self._restore_generation(done)
+        self._refit_uncertainty(frames)
+
+    def _restore_generation(self, done) -> None:
+        current = gens.read_json(self.workdir / gens.CURRENT)
+        accepted = [d["generation"] for d in done if d.get("accepted")]
+        target = current["generation"] if current and current.get("rollback") else None
+        if target is None and accepted:
+            target = max(accepted)
+        if target:
+            path = gens.gen_dir(self.workdir, target) / "model.ckpt"
+            self.calc.swap_model(path, generation=target)
+            self._event("resume", generation=target, n_labels=self._n_labels)
+            logger.info("resumed from generation %d with %d labels", target, self._n_labels)
+        elif not (gens.gen_dir(self.workdir, 0) / "model.ckpt").is_file():
+            self.calc.save_checkpoint(gens.gen_dir(self.workdir, 0) / "model.ckpt")
+
+    def _current_checkpoint(self) -> pathlib.Path:
+        generation = self.calc.generation
+        path = gens.gen_dir(self.workdir, generation) / "model.ckpt"
+        if not path.is_file():  # swapped from elsewhere: snapshot the live weights
+            self.calc.save_checkpoint(path)
+        return path
+
+    # ------------------------------------------------------------------ observer
+    def __call__(self) -> None:
+        self._collect_refit()
+        self._step += 1
+        atoms = self._current_atoms()
+        ctx = StepContext(step=self._step, steps_since_label=self._since_label + 1,
+                          n_labels=self._n_labels,
+                          _uncertainty=lambda: self._uncertainty(atoms))
+        budget_left = self.max_labels is None or self._n_labels < self.max_labels
+        if budget_left and self.select(ctx):
+            self._label(atoms, ctx)
+        else:
+            self._since_label += 1
+        self._maybe_refit()
+
+    def _current_atoms(self):
+        atoms = self._atoms if self._atoms is not None else self.calc.atoms
+        if atoms is None:
+            raise PetftError(
+                "the learner found no structure: attach it to dynamics that use this "
+                "calculator, or pass atoms= to OnTheFlyLearner"
+            )
+        return atoms.copy()
+
+    def _uncertainty(self, atoms) -> Optional[float]:
+        if not self.calc._uncertainty.fitted:
+            return None
+        return float(self.calc.get_energy_uncertainty(atoms))
+
+    # ------------------------------------------------------------------ labelling
+    def _label(self, atoms, ctx: StepContext) -> None:
+        from .labelling import label
+
+        key = _structure_key(atoms)
+        self._since_label = 0
+        if key in self._known:
+            self._event("label_reused", uncertainty=_maybe(ctx))
+            return
+        start = time.perf_counter()
+        self.reference_calls += 1
+        try:
+            labelled = label(atoms, self.reference, properties=self._properties(atoms))
+        except LabellingError as exc:
+            self.buffer.record_failure(exc.atoms if exc.atoms is not None else atoms,
+                                       error=exc, variant=self.variant, step=self._step)
+            self._event("label_failed", error=str(exc)[:300])
+            logger.warning("reference failed at step %d (recorded): %s", self._step, exc)
+            return
+        holdout = self._next_is_holdout()
+        predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
+        self.buffer.append(labelled, variant=self.variant, step=self._step,
+                           generation=self.calc.generation, holdout=holdout,
+                           predicted_energy=predicted, uncertainty=_maybe(ctx))
+        self._known.add(key)
+        self._n_labels += 1
+        self._n_holdout += int(holdout)
+        self._event("label", holdout=holdout, uncertainty=_maybe(ctx),
+                    wall_time_s=time.perf_counter() - start)
+        self._refit_uncertainty()
+
+    def _properties(self, atoms) -> tuple:
+        if atoms.pbc.all():
+            return self.properties
+        return tuple(p for p in self.properties if p != "stress")
+
+    def _next_is_holdout(self) -> bool:
+        wanted = int((self._n_labels + 1) * self.holdout_fraction)
+        return wanted > self._n_holdout
+
+    def _split(self):
+        frames = self._frames()
+        train = [a for a in frames if not a.info.get("holdout")]
+        holdout = [a for a in frames if a.info.get("holdout")]
+        return train, holdout
+
+    def _refit_uncertainty(self, frames=None) -> None:
+        frames = self._frames() if frames is None else frames
+        train = [a for a in frames if not a.info.get("holdout")]
+        holdout = [a for a in frames if a.info.get("holdout")]
+        if len(train) < 2:
+            return
+        try:
+            self.calc.fit_uncertainty(train, holdout or None)
+        except Exception as exc:  # uncertainty is advisory: never stop the run for it
+            logger.warning("could not fit the uncertainty: %s", exc)
+
+    # ------------------------------------------------------------------ refits
+    def _maybe_refit(self) -> None:
+        if self._future is not None:
+            return
+        if self._n_labels - self._labels_at_refit < self.refit_every:
+            return
+        train, holdout = self._split()
+        if len(train) < max(2, self.config.min_frames):
+            return
+        self._attempt += 1
+        spec = gens.RefitSpec(
+            source_checkpoint=self._current_checkpoint(),
+            source_generation=self.calc.generation, train=train, holdout=holdout,
+            variant=self.variant, config=self.config,
+            output_dir=gens.gen_dir(self.workdir, self._attempt),
+            generation=self._attempt, tolerance=self.tolerance,
+            n_labels_total=self._n_labels,
+            preload=self._executor is None or isinstance(
+                self._executor, concurrent.futures.ThreadPoolExecutor),
+        )
+        self._labels_at_refit = self._n_labels
+        self._event("refit_start", generation=self._attempt, n_train=len(train),
+                    n_holdout=len(holdout))
+        if not self.background:
+            self._finish(_safe_refit(spec, None))
+            return
+        self._future = self._pool().submit(_safe_refit, spec, self.refit_threads)
+
+    def _pool(self) -> concurrent.futures.Executor:
+        if self._executor is not None:
+            return self._executor
+        if self._own_executor is None:
+            self._own_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="petft-refit")
+        return self._own_executor
+
+    def _collect_refit(self) -> None:
+        if self._future is None or not self._future.done():
+            return
+        future, self._future = self._future, None
+        self._finish(future.result())
+
+    def _finish(self, outcome) -> None:
+        if isinstance(outcome, Exception):
+            self._event("refit_failed", error=f"{type(outcome).__name__}: {outcome}"[:300])
+            logger.warning("refit failed, keeping generation %d: %s",
+                           self.calc.generation, outcome)
+            return
+        decision = outcome.decision
+        row = dict(generation=outcome.generation, reason=outcome.reason,
+                   old=decision.get("old"), new=decision.get("new"),
+                   fit_wall_time_s=decision.get("fit_wall_time_s"),
+                   refit_wall_time_s=decision.get("wall_time_s"))
+        if not outcome.accepted:
+            self._event("refit_rejected", **row)
+            logger.info("refit %d rejected: %s", outcome.generation, outcome.reason)
+            return
+        jump = self._swap(outcome)
+        self._event("swap", energy_jump_eV=jump, **row)
+        logger.info("swapped in generation %d (%s); energy jump %.4g eV",
+                    outcome.generation, outcome.reason, jump if jump is not None else 0.0)
+        self._refit_uncertainty()
+
+    def _swap(self, outcome, *, rollback: bool = False) -> Optional[float]:
+        atoms = self._atoms if self._atoms is not None else self.calc.atoms
+        before = self.calc.results.get("energy") if atoms is not None else None
+        if outcome.model is not None:
+            self.calc._swap_from_model(outcome.model, outcome.checkpoint_path,
+                                       generation=outcome.generation)
+        else:
+            self.calc.swap_model(outcome.checkpoint_path, generation=outcome.generation)
+        gens.write_json(self.workdir / gens.CURRENT,
+                        {"generation": outcome.generation, "rollback": rollback})
+        if atoms is None or before is None:
+            return None
+        probe = atoms.copy()  # computing it now also fills the cache for the next step
+        after = self.calc.get_potential_energy(probe)
+        return float(after - before)
+
+    def rollback(self, generation: Optional[int] = None) -> int:
+        """Swap an earlier accepted generation (default: the one before the current)."""
+        accepted = sorted({0} | {d["generation"] for d in gens.decisions(self.workdir)
+                                 if d.get("accepted")})
+        if generation is None:
+            earlier = [g for g in accepted if g < self.calc.generation]
+            if not earlier:
+                raise PetftError(f"no generation before {self.calc.generation} to roll back to")
+            generation = earlier[-1]
+        if generation not in accepted:
+            raise PetftError(f"generation {generation} was never accepted; accepted: {accepted}")
+        path = gens.gen_dir(self.workdir, generation) / "model.ckpt"
+        outcome = gens.RefitOutcome(generation=generation, accepted=True, reason="rollback",
+                                    decision={}, checkpoint_path=path)
+        jump = self._swap(outcome, rollback=True)
+        self._event("rollback", generation=generation, energy_jump_eV=jump)
+        return generation
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Wait for a refit in flight and apply its result (between steps: call it
+        from the simulation's thread, e.g. at the end of a run)."""
+        if self._future is not None:
+            concurrent.futures.wait([self._future], timeout=timeout)
+            self._collect_refit()
+
+    def close(self) -> None:
+        """Finish a refit in flight and release the learner's own thread pool."""
+        self.wait()
+        if self._own_executor is not None:
+            self._own_executor.shutdown(wait=True)
+            self._own_executor = None
+
+    def __enter__(self) -> "OnTheFlyLearner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _event(self, event: str, **fields) -> None:
+        row = {"step": self._step, "event": event, "generation": self.calc.generation,
+               "n_labels": self._n_labels, "time": time.time(), **fields}
+        self.history.append(row)
+        gens.append_history(self.workdir, row)
+
+
+def _maybe(ctx: StepContext) -> Optional[float]:
+    return ctx.uncertainty if ctx.uncertainty_evaluated else None
+
+
+def _structure_key(atoms) -> str:
+    digest = hashlib.sha1()
+    for array in (atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64),
+                  np.asarray(atoms.cell, dtype=np.float64), atoms.pbc.astype(np.uint8)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _safe_refit(spec, threads: Optional[int]):
+    """Run a refit; return its exception instead of raising (the run goes on)."""
+    try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)  # this worker thread's OpenMP team only
+        return gens.run_refit(spec)
+    except Exception as exc:
+        logger.debug("refit failed", exc_info=True)
+        return exc
+
+
+def _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
+              max_labels, tolerance) -> None:
+    from .calculator import FineTunableCalculator
+
+    if not isinstance(calc, FineTunableCalculator):
+        raise PetftError(f"calc must be a FineTunableCalculator, got {type(calc).__name__}")
+    if not hasattr(reference, "calculate") or isinstance(reference, FineTunableCalculator):
+        raise PetftError("reference must be an ASE calculator giving reference labels "
+                         f"(DFT, xTB, ...), got {type(reference).__name__}")
+    if not hasattr(buffer, "append") or getattr(buffer, "mode", "a") == "r":
+        raise PetftError("buffer must be a LabelBuffer opened for writing (mode 'a' or 'w-')")
+    if select is not None and not isinstance(select, Policy):
+        raise PetftError(f"select must be a selection policy such as every(10), got {select!r}")
+    if isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1:
+        raise PetftError(f"refit_every must be a positive integer, got {refit_every!r}")
+    if not 0.0 <= float(holdout_fraction) <= 0.5:
+        raise PetftError(f"holdout_fraction must be in [0, 0.5], got {holdout_fraction!r}")
+    if max_labels is not None and (not isinstance(max_labels, int) or max_labels < 1):
+        raise PetftError(f"max_labels must be None or a positive integer, got {max_labels!r}")
+    if not float(tolerance) >= 0.0:
+        raise PetftError(f"tolerance must be >= 0, got {tolerance!r}")

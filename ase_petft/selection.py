@@ -1,0 +1,118 @@
+"""Selection policies: which MD steps get a reference label.
+
+A policy is called with a :class:`StepContext` and answers ``True`` (label this
+structure) or ``False``. Policies combine with ``|`` (either) and ``&`` (both); the
+right-hand side is only evaluated when needed, so ``every(50) | uncertainty_above(0.02)``
+computes an uncertainty only on steps that ``every(50)`` does not already select.
+They are also re-exported by :mod:`ase_petft.learner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+__all__ = [
+    "StepContext", "Policy", "every", "uncertainty_above", "max_gap", "never", "always",
+]
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a policy may look at for one step.
+
+    :ivar step: observer calls so far (1 at the first call).
+    :ivar steps_since_label: steps since the last labelled (or reused) structure.
+    :ivar n_labels: labels of this variant in the buffer.
+    """
+
+    step: int
+    steps_since_label: int
+    n_labels: int
+    _uncertainty: Callable[[], Optional[float]] = dataclasses.field(repr=False)
+    _cached: Optional[float] = dataclasses.field(default=None, repr=False)
+    _evaluated: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def uncertainty(self) -> Optional[float]:
+        """σ of the energy per atom (eV/atom); ``None`` while no model is fitted."""
+        if not self._evaluated:
+            self._cached = self._uncertainty()
+            self._evaluated = True
+        return self._cached
+
+    @property
+    def uncertainty_evaluated(self) -> bool:
+        return self._evaluated
+
+
+class Policy:
+    """A named predicate on :class:`StepContext`, combinable with ``|`` and ``&``."""
+
+    def __init__(self, predicate: Callable[[StepContext], bool], name: str) -> None:
+        self._predicate = predicate
+        self.name = name
+
+    def __call__(self, ctx: StepContext) -> bool:
+        return bool(self._predicate(ctx))
+
+    def __or__(self, other: "Policy") -> "Policy":
+        _check_policy(other)
+        return Policy(lambda ctx: self(ctx) or other(ctx), f"({self.name} | {other.name})")
+
+    def __and__(self, other: "Policy") -> "Policy":
+        _check_policy(other)
+        return Policy(lambda ctx: self(ctx) and other(ctx), f"({self.name} & {other.name})")
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _check_policy(other) -> None:
+    if not isinstance(other, Policy):
+        raise TypeError(
+            f"selection policies combine with other policies, got {type(other).__name__}"
+        )
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def every(n: int) -> Policy:
+    """Label every ``n``-th step (steps n, 2n, ...)."""
+    n = _positive_int("every(n)", n)
+    return Policy(lambda ctx: ctx.step % n == 0, f"every({n})")
+
+
+def max_gap(n: int) -> Policy:
+    """Label when ``n`` steps have passed without a label."""
+    n = _positive_int("max_gap(n)", n)
+    return Policy(lambda ctx: ctx.steps_since_label >= n, f"max_gap({n})")
+
+
+def uncertainty_above(threshold_eV_per_atom: float) -> Policy:
+    """Label when the calibrated energy uncertainty exceeds the threshold (eV/atom).
+
+    While no uncertainty model is fitted yet (too few labels), every step qualifies:
+    the first labels are what the uncertainty is fitted on.
+    """
+    threshold = float(threshold_eV_per_atom)
+    if not threshold > 0:
+        raise ValueError(f"uncertainty threshold must be > 0 eV/atom, got {threshold!r}")
+
+    def predicate(ctx: StepContext) -> bool:
+        sigma = ctx.uncertainty
+        return sigma is None or sigma > threshold
+
+    return Policy(predicate, f"uncertainty_above({threshold:g})")
+
+
+def never() -> Policy:
+    return Policy(lambda ctx: False, "never()")
+
+
+def always() -> Policy:
+    return Policy(lambda ctx: True, "always()")
