@@ -17,13 +17,13 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from . import _provenance as prov
+from ._table import ATOM_DTYPE, FRAME_DTYPE, VARIANT_BYTES
 from .errors import LabelBufferError, VariantError
 from .variants import validate_variant
 
 __all__ = ["Record", "label_record", "failure_record", "encode_metadata", "decode_metadata",
-           "build_atoms", "MAX_VARIANT_BYTES"]
+           "build_atoms", "pack_records", "row_to_atoms", "check_variant"]
 
-MAX_VARIANT_BYTES = 64
 MAX_DOCUMENT_BYTES = 1 << 20
 _STATE_FIELDS = ("positions", "numbers", "cell", "pbc")
 
@@ -43,29 +43,37 @@ class Record:
     document: bytes
 
 
-def describe_frame(atoms: Atoms, where: str) -> str:
-    try:
-        return f"{where} ({atoms.get_chemical_formula()}, {len(atoms)} atoms)"
-    except Exception:
-        return where
+class _Frame:
+    """Names a frame in error messages; the formula is only computed for a message."""
+
+    def __init__(self, atoms: object, where: str):
+        self.atoms, self.where = atoms, where
+
+    def __str__(self) -> str:
+        if not isinstance(self.atoms, Atoms):
+            return self.where
+        try:
+            return f"{self.where} ({self.atoms.get_chemical_formula()}, {len(self.atoms)} atoms)"
+        except Exception:
+            return self.where
 
 
-def _fail(what: str, frame: str, fix: str) -> LabelBufferError:
+def _fail(what: str, frame: object, fix: str) -> LabelBufferError:
     return LabelBufferError(f"{frame}: {what}; nothing was written. {fix}")
 
 
-def check_variant(variant: object, frame: str) -> str:
+def check_variant(variant: object, frame: object) -> str:
     try:
         validate_variant(variant)
     except VariantError as exc:
         raise _fail(f"invalid variant: {exc}", frame, "Pass variant='energy' or 'energy/<name>'.") from exc
-    if len(variant.encode()) > MAX_VARIANT_BYTES:
-        raise _fail(f"variant {variant!r} is longer than {MAX_VARIANT_BYTES} bytes", frame,
+    if len(variant.encode()) > VARIANT_BYTES:
+        raise _fail(f"variant {variant!r} is longer than {VARIANT_BYTES} bytes", frame,
                     "Use a shorter name for the level of theory.")
     return variant
 
 
-def _structure(atoms: object, frame: str, allowed: Optional[frozenset]) -> tuple:
+def _structure(atoms: object, frame: object, allowed: Optional[frozenset]) -> tuple:
     if not isinstance(atoms, Atoms):
         raise _fail(f"expected an ase.Atoms, got {type(atoms).__name__}", frame,
                     "Pass ase.Atoms objects.")
@@ -94,7 +102,7 @@ def _symbols(numbers: frozenset) -> set:
     return {chemical_symbols[z] for z in numbers}
 
 
-def _reference_results(atoms: Atoms, frame: str) -> Mapping[str, Any]:
+def _reference_results(atoms: Atoms, frame: object) -> Mapping[str, Any]:
     calc = atoms.calc
     fix = "Compute reference labels with ase_petft.label(atoms, reference) first."
     if calc is None:
@@ -110,14 +118,31 @@ def _reference_results(atoms: Atoms, frame: str) -> Mapping[str, Any]:
     if calc_atoms is None:
         raise _fail("atoms.calc does not record which structure its results belong to "
                     "(atoms.calc.atoms is None)", frame, fix)
-    stale = [c for c in calc.check_state(atoms) if c in _STATE_FIELDS]
+    if _same_structure(calc_atoms, atoms):
+        return results
+    try:
+        changes = calc.check_state(atoms)
+    except Exception as exc:
+        raise _fail(f"cannot check that atoms.calc's results belong to this structure "
+                    f"({type(exc).__name__}: {exc})", frame, fix) from exc
+    stale = [c for c in changes if c in _STATE_FIELDS]
     if stale:
         raise _fail(f"the results are stale: {', '.join(stale)} changed after the calculation",
                     frame, fix)
     return results
 
 
-def _array(results: Mapping, key: str, shape: tuple, frame: str) -> np.ndarray:
+def _same_structure(a: Atoms, b: Atoms) -> bool:
+    """Fast exact check; anything else goes through ASE's ``check_state``."""
+    try:
+        return (len(a) == len(b) and np.array_equal(a.numbers, b.numbers)
+                and np.array_equal(a.positions, b.positions)
+                and np.array_equal(a.cell.array, b.cell.array) and np.array_equal(a.pbc, b.pbc))
+    except Exception:
+        return False
+
+
+def _array(results: Mapping, key: str, shape: tuple, frame: object) -> np.ndarray:
     try:
         value = np.array(results[key], dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -136,7 +161,7 @@ def _array(results: Mapping, key: str, shape: tuple, frame: str) -> np.ndarray:
 def label_record(atoms: Atoms, *, variant: str, metadata: Mapping, where: str,
                  allowed: Optional[frozenset], require_forces: bool, version: str) -> Record:
     """Validate a labelled structure and turn it into a :class:`Record`."""
-    frame = describe_frame(atoms, where) if isinstance(atoms, Atoms) else where
+    frame = _Frame(atoms, where)
     variant = check_variant(variant, frame)
     numbers, positions, cell, pbc = _structure(atoms, frame, allowed)
     results = _reference_results(atoms, frame)
@@ -165,7 +190,7 @@ def label_record(atoms: Atoms, *, variant: str, metadata: Mapping, where: str,
 def failure_record(atoms: Atoms, *, error: object, variant: Optional[str], reference: object,
                    metadata: Mapping, where: str, version: str) -> Record:
     """Validate a structure whose reference calculation failed; no results needed."""
-    frame = describe_frame(atoms, where) if isinstance(atoms, Atoms) else where
+    frame = _Frame(atoms, where)
     if variant is not None:
         variant = check_variant(variant, frame)
     numbers, positions, cell, pbc = _structure(atoms, frame, None)
@@ -213,7 +238,7 @@ def _str_or_none(value: object) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _dump(document: dict, frame: str) -> bytes:
+def _dump(document: dict, frame: object) -> bytes:
     data = prov.dumps(document)
     if len(data) > MAX_DOCUMENT_BYTES:
         raise _fail(f"metadata and provenance take {len(data)} bytes, more than "
@@ -226,7 +251,7 @@ def _dump(document: dict, frame: str) -> bytes:
 _ARRAY = "__ndarray__"
 
 
-def encode_metadata(metadata: Mapping, frame: str) -> dict:
+def encode_metadata(metadata: Mapping, frame: object) -> dict:
     """Strictly JSON-encode free metadata; refuses reserved keys and unknown types."""
     out = {}
     for key, value in metadata.items():
@@ -239,7 +264,7 @@ def encode_metadata(metadata: Mapping, frame: str) -> dict:
     return out
 
 
-def _encode(value: Any, what: str, frame: str, depth: int = 0) -> Any:
+def _encode(value: Any, what: str, frame: object, depth: int = 0) -> Any:
     if depth > 20:
         raise _fail(f"{what} is nested too deeply", frame, "Flatten it.")
     if value is None or isinstance(value, (bool, str)):
@@ -307,3 +332,37 @@ def build_atoms(*, numbers, positions, cell, pbc, energy, forces, stress, varian
     if results:
         atoms.calc = SinglePointCalculator(atoms, **results)
     return atoms
+
+
+def pack_records(records: list) -> tuple:
+    """(frame rows, atom rows, text) of validated records; offsets relative to the batch."""
+    rows = np.zeros(len(records), dtype=FRAME_DTYPE)
+    sizes = [len(r.numbers) for r in records]
+    atoms = np.zeros(sum(sizes), dtype=ATOM_DTYPE)
+    atom_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if records else []
+    text_start = 0
+    for row, rec, a0, k in zip(rows, records, atom_start, sizes):
+        part = atoms[a0:a0 + k]
+        part["position"], part["number"] = rec.positions, rec.numbers
+        part["force"] = np.nan if rec.forces is None else rec.forces
+        row["atom_start"], row["n_atoms"] = a0, k
+        row["text_start"], row["text_length"] = text_start, len(rec.document)
+        text_start += len(rec.document)
+        row["energy"], row["cell"], row["pbc"] = rec.energy, rec.cell, rec.pbc
+        row["stress"] = np.nan if rec.stress is None else rec.stress
+        row["has_forces"], row["has_stress"] = rec.forces is not None, rec.stress is not None
+        row["variant"] = rec.variant.encode()
+    return rows, atoms, b"".join(r.document for r in records)
+
+
+def row_to_atoms(row, atom_rows, text, a0: int, t0: int, index: int) -> Atoms:
+    a = int(row["atom_start"]) - a0
+    block = atom_rows[a:a + int(row["n_atoms"])]
+    t = int(row["text_start"]) - t0
+    return build_atoms(
+        numbers=block["number"].astype(np.int64), positions=np.array(block["position"]),
+        cell=np.array(row["cell"]), pbc=row["pbc"].astype(bool), energy=float(row["energy"]),
+        forces=np.array(block["force"]) if row["has_forces"] else None,
+        stress=np.array(row["stress"]) if row["has_stress"] else None,
+        variant=row["variant"].decode(), document=text[t:t + int(row["text_length"])],
+        index=index)

@@ -1,0 +1,314 @@
+"""Files of :class:`ase_petft.LabelBuffer`: SWMR opening, locking, creation, recovery.
+
+See the module docstring of :mod:`ase_petft.buffer` for the schema and the durability
+design. This module knows HDF5 files; it does not know ASE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import re
+from typing import Optional
+
+import h5py
+from h5py import h5f, h5p
+
+from ._table import DATASETS, GROUPS, check_format, create_layout, ends, frame_intact
+from .errors import LabelBufferError
+
+try:  # POSIX advisory locks; without them a second writer is not detected
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+_COPY_BLOCK = 1 << 18
+
+
+# -- opening ----------------------------------------------------------------------------
+
+
+def _fapl(*, chunk_cache_bytes: Optional[int] = None):
+    fapl = h5p.create(h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
+    fapl.set_fclose_degree(h5f.CLOSE_STRONG)
+    fapl.set_file_locking(False, True)  # we lock ourselves (see WriterLock)
+    if chunk_cache_bytes is not None:
+        cache = list(fapl.get_cache())
+        cache[2] = chunk_cache_bytes
+        fapl.set_cache(*cache)
+    return fapl
+
+
+def open_reader(path: pathlib.Path) -> h5py.File:
+    """Open for SWMR reading (works on a file a live or crashed writer holds)."""
+    try:
+        fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ,
+                       fapl=_fapl(chunk_cache_bytes=0))
+    except FileNotFoundError as exc:
+        raise LabelBufferError(f"no label buffer at {str(path)!r}: the file does not exist. "
+                               "Create it with mode='a' or mode='w-'.") from exc
+    except OSError as exc:
+        raise LabelBufferError(f"{str(path)!r} is not a readable HDF5 file ({exc}); it is not "
+                               "an ase_petft label buffer.") from exc
+    return h5py.File(fid)
+
+
+def _open_writer(path: pathlib.Path) -> h5py.File:
+    fid = h5f.open(os.fsencode(path), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE, fapl=_fapl())
+    return h5py.File(fid)
+
+
+def open_path(path: pathlib.Path, *, mode: str, layout: dict) -> tuple:
+    """Open the buffer at ``path``: ``(h5py.File, WriterLock or None, stored settings)``.
+
+    ``"r"``: a SWMR reader, no lock. ``"a"``/``"w-"``: create the file if needed, lock
+    it, check it is a buffer (without modifying it), then open it as the SWMR writer
+    (recovering it if its last writer died).
+    """
+    where = repr(str(path))
+    if mode == "r":
+        file = open_reader(path)
+        try:
+            return file, None, check_format(file, where)
+        except BaseException:
+            file.close()
+            raise
+    _create_if_needed(path, mode, layout, where)
+    lock = WriterLock(path)
+    try:
+        remove_stale_temps(path)
+        with open_reader(path) as probe:
+            settings = check_format(probe, where)
+        file, lock, _ = open_writer(path, lock)
+    except BaseException:
+        lock.release()
+        raise
+    return file, lock, settings
+
+
+def _create_if_needed(path: pathlib.Path, mode: str, layout: dict, where: str) -> None:
+    if mode == "a" and path.exists():
+        return
+    try:
+        create_file(path, **layout)
+    except FileExistsError:
+        if mode == "w-":
+            raise LabelBufferError(f"{where} already exists and mode='w-' never overwrites; "
+                                   "use mode='a' to append to it, or delete it.") from None
+    else:
+        logger.info("created label buffer %s", path)
+
+
+# -- writer lock -----------------------------------------------------------------------------
+
+
+class WriterLock:
+    """Exclusive advisory lock (``flock``) on the buffer file, held while writing.
+
+    HDF5's own locking is disabled because an HDF5 SWMR writer drops its lock after
+    opening; this one is held until close, so a second writer is refused, and a file
+    flagged "open for write" whose lock we obtain was left by a writer that died.
+    The descriptor also serves ``fsync``.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.fd = -1
+        for _ in range(5):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if not _try_lock(fd):
+                os.close(fd)
+                raise LabelBufferError(f"{str(path)!r} is already open for writing (by another "
+                                       "process or another LabelBuffer); a buffer has one writer "
+                                       "at a time. Open it with mode='r' to read while the other "
+                                       "one writes, or close the other one first.")
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                self.fd = fd
+                return
+            os.close(fd)  # the file was replaced while we locked: lock the new one
+        raise LabelBufferError(f"{str(path)!r} keeps being replaced; cannot lock it for writing.")
+
+    @classmethod
+    def adopt(cls, fd: int) -> "WriterLock":
+        lock = cls.__new__(cls)
+        lock.fd = fd
+        return lock
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = -1
+
+    def __del__(self):  # a buffer dropped without close() must not keep the file locked
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def fsync_path(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
+        fsync_path(path.parent)
+
+
+def _temp_path(path: pathlib.Path, tag: str) -> pathlib.Path:
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}.tmp")
+
+
+def remove_stale_temps(path: pathlib.Path) -> None:
+    """Delete temporary files of creations/recoveries whose process died."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(create|recover)-(\d+)\.tmp$")
+    for candidate in path.parent.glob(f".{path.name}.*.tmp"):
+        match = pattern.match(candidate.name)
+        if match and not _pid_alive(int(match.group(2))):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+                logger.info("removed stale temporary file %s", candidate)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# -- creation and recovery ---------------------------------------------------------------------
+
+
+def create_file(path: pathlib.Path, **layout) -> None:
+    """Create a complete, empty buffer at ``path`` atomically; FileExistsError if present.
+
+    The file is built under a temporary name, fsynced, then hard-linked into place
+    (which fails if ``path`` exists), so ``path`` never holds a half-created buffer.
+    """
+    tmp = _temp_path(path, "create")
+    try:
+        with h5py.File(tmp, "w", libver="latest", locking=False) as root:
+            create_layout(root, **layout)
+        fsync_path(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # file systems without hard links
+            if path.exists():
+                raise FileExistsError(path) from None
+            os.rename(tmp, path)
+        _fsync_dir(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def open_writer(path: pathlib.Path, lock: WriterLock) -> tuple:
+    """Open ``path`` (locked by ``lock``) for SWMR writing, recovering it if needed.
+
+    Returns ``(h5py.File, lock, recovered)``. A file still flagged "open for write" by
+    a writer that died is rebuilt from its committed frames (see :func:`rebuild`).
+    """
+    try:
+        return _open_writer(path), lock, False
+    except OSError as exc:
+        if "already open" not in str(exc):
+            raise LabelBufferError(f"cannot open {str(path)!r} for writing: {exc}") from exc
+    logger.warning("label buffer %s was not closed cleanly (its writer died); rebuilding it "
+                   "from its committed frames", path)
+    lock = rebuild(path, lock)
+    return _open_writer(path), lock, True
+
+
+def rebuild(path: pathlib.Path, lock: WriterLock) -> WriterLock:
+    """Copy the committed frames of ``path`` into a fresh file and replace ``path`` with it.
+
+    The damaged file is only read (SWMR read, as a concurrent reader would); the new
+    file is complete and fsynced before it atomically replaces the old one, so a crash
+    during recovery leaves the old file as it was. Returns the lock of the new file.
+    """
+    tmp = _temp_path(path, "recover")
+    try:
+        with open_reader(path) as src, h5py.File(tmp, "w", libver="latest", locking=False) as dst:
+            check_format(src, repr(str(path)))
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in GROUPS:
+                _copy_committed(src[name], dst.create_group(name), name)
+        fsync_path(tmp)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if not _try_lock(fd):  # pragma: no cover - nobody else knows the temporary name
+            os.close(fd)
+            raise LabelBufferError(f"cannot lock the recovered copy of {str(path)!r}")
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    lock.release()
+    return WriterLock.adopt(fd)
+
+
+def _copy_committed(src: h5py.Group, dst: h5py.Group, name: str) -> None:
+    for dname, (dtype, chunk) in DATASETS.items():
+        dst.create_dataset(dname, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype)
+    n = _intact_prefix(src, src["committed"].shape[0], name)
+    frames = src["frames"][:n]
+    atom_end, text_end = ends(frames)
+    dst["frames"].resize((n,))
+    dst["frames"][:] = frames
+    dst["committed"].resize((n,))
+    for dname, end in (("atoms", atom_end), ("text", text_end)):
+        dst[dname].resize((end,))
+        for start in range(0, end, _COPY_BLOCK):
+            stop = min(end, start + _COPY_BLOCK)
+            dst[dname][start:stop] = src[dname][start:stop]
+    logger.info("recovered %d committed %s", n, name)
+
+
+def _intact_prefix(src: h5py.Group, n: int, name: str) -> int:
+    """Number of leading committed frames whose checksums hold; only a torn tail is dropped."""
+    bad = []
+    for start in range(0, n, 4096):
+        rows = src["frames"][start:min(n, start + 4096)]
+        a0, t0 = int(rows["atom_start"].min()), int(rows["text_start"].min())
+        a1, t1 = ends(rows)
+        atoms, text = src["atoms"][a0:a1], src["text"][t0:t1].tobytes()
+        for i, row in enumerate(rows):
+            if not frame_intact(row, atoms, text, a0, t0):
+                bad.append(start + i)
+    if not bad:
+        return n
+    if bad != list(range(bad[0], n)):
+        raise LabelBufferError(f"{name} frames {bad} of the buffer are damaged (checksum "
+                               "mismatch) and are not only the last append; refusing to "
+                               "recover automatically. Copy the intact frames out with mode='r'.")
+    logger.error("dropping %d torn %s frame(s) %s (checksum mismatch: interrupted by a power "
+                 "loss?)", len(bad), name, bad)
+    return bad[0]

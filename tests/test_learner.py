@@ -1,0 +1,259 @@
+"""OnTheFlyLearner in real ASE runs: EMT references, tiny PETs trained by `mtt train`."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from ase import units
+from ase.calculators.emt import EMT
+from ase.md.langevin import Langevin
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS
+
+from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer, PetftError
+from ase_petft.learner import OnTheFlyLearner, every, max_gap, uncertainty_above
+from ase_petft.selection import StepContext, always, never
+
+from conftest import emt_frames
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _langevin(atoms, seed=0):
+    return Langevin(atoms, 1 * units.fs, temperature_K=300, friction=0.02,
+                    rng=np.random.default_rng(seed), fixcm=False)
+
+
+def _ctx(step, since=0, n=0, sigma=None, calls=None):
+    def uncertainty():
+        if calls is not None:
+            calls.append(step)
+        return sigma
+    return StepContext(step=step, steps_since_label=since, n_labels=n, _uncertainty=uncertainty)
+
+
+def test_policies_compose_and_evaluate_uncertainty_lazily():
+    assert [s for s in range(1, 13) if every(4)(_ctx(s))] == [4, 8, 12]
+    assert max_gap(3)(_ctx(1, since=3)) and not max_gap(3)(_ctx(1, since=2))
+    calls = []
+    policy = every(2) | uncertainty_above(0.05)
+    assert policy(_ctx(2, sigma=0.0, calls=calls)) and calls == []  # short-circuit
+    assert not policy(_ctx(3, sigma=0.01, calls=calls)) and calls == [3]
+    assert policy(_ctx(5, sigma=0.2))
+    assert uncertainty_above(0.05)(_ctx(1, sigma=None))  # nothing fitted yet: label
+    assert (always() & never())(_ctx(1)) is False
+    with pytest.raises(ValueError, match="positive integer"):
+        every(0)
+    with pytest.raises(TypeError, match="combine with other policies"):
+        every(2) | 3
+
+
+@pytest.fixture
+def run(emt_checkpoint, tmp_path):
+    """A fresh calculator (new variant), buffer and CuNi atoms."""
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    atoms = emt_frames(1, seed=5)[0]
+    atoms.calc = calc
+    buffer = LabelBuffer(tmp_path / "labels.h5", mode="w-")
+    yield calc, atoms, buffer, tmp_path / "learner"
+    buffer.close()
+
+
+def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
+    calc, atoms, buffer, workdir = run
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
+                              background=False, workdir=workdir, holdout_fraction=0.25)
+    dyn = _langevin(atoms)
+    dyn.attach(learner, interval=1)
+    dyn.run(24)
+    learner.close()
+    events = [row["event"] for row in learner.history]
+    assert events.count("label") == len(buffer) >= 10
+    assert "swap" in events or "refit_rejected" in events
+    assert atoms.calc is calc
+    if calc.generation > 0:  # results after a swap come from the swapped weights
+        fresh = atoms.copy()
+        fresh.calc = FineTunableCalculator(calc.checkpoint_path, variant="energy/emt",
+                                           inherit_from=None)
+        assert atoms.get_potential_energy() == pytest.approx(
+            fresh.get_potential_energy(), rel=1e-6)
+    holdout = [a.info["holdout"] for a in buffer.frames("energy/emt")]
+    assert sum(holdout) == int(len(holdout) * 0.25)
+    meta = buffer[0].info
+    assert meta["step"] == 2 and meta["generation"] == 0 and "predicted_energy" in meta
+
+
+def test_background_refit_lets_md_go_on(run):
+    calc, atoms, buffer, workdir = run
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=6,
+                              background=True, workdir=workdir, max_labels=8)
+    during = []
+    dyn = _langevin(atoms)
+    dyn.attach(learner, interval=1)
+    dyn.attach(lambda: during.append(learner.refit_in_progress), interval=1)
+    dyn.run(12)
+    deadline = time.time() + 120
+    while learner.refit_in_progress and time.time() < deadline:
+        dyn.run(1)
+        during.append(True)
+    learner.close()
+    assert sum(during) >= 1  # MD steps taken while the refit was running
+    assert len(buffer) == 8  # the budget
+    assert any(row["event"] in ("swap", "refit_rejected") for row in learner.history)
+
+
+def test_absurd_refit_is_rejected_and_predictions_stay(run):
+    calc, atoms, buffer, workdir = run
+    bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
+                         divergence_factor=1e12)
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=5,
+                              background=False, workdir=workdir, holdout_fraction=0.4,
+                              config=bad)
+    probe = emt_frames(1, seed=77)[0]
+    probe.calc = calc
+    before = probe.get_potential_energy()
+    dyn = _langevin(atoms)
+    dyn.attach(learner, interval=1)
+    dyn.run(5)
+    events = [row["event"] for row in learner.history]
+    assert "refit_rejected" in events or "refit_failed" in events, events
+    assert calc.generation == 0
+    probe.positions[0, 0] += 1e-9
+    assert probe.get_potential_energy() == pytest.approx(before, rel=1e-7)
+
+
+class FlakyEMT(EMT):
+    """Fails on every third call, like an SCF that does not converge."""
+
+    calls = 0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        FlakyEMT.calls += 1
+        if FlakyEMT.calls % 3 == 0:
+            raise RuntimeError("SCF not converged")
+        super().calculate(atoms, properties, system_changes or [])
+
+
+def test_failing_reference_is_recorded_and_run_goes_on(run):
+    calc, atoms, buffer, workdir = run
+    learner = OnTheFlyLearner(calc, FlakyEMT(), buffer, select=every(1), refit_every=100,
+                              background=False, workdir=workdir)
+    dyn = _langevin(atoms)
+    dyn.attach(learner, interval=1)
+    dyn.run(8)
+    failures = buffer.failures()
+    assert len(failures) >= 2
+    assert "SCF not converged" in str(failures[0].info)
+    assert len(buffer) + len(failures) == 9  # every step was either labelled or recorded
+
+
+@pytest.mark.parametrize("kind", ["verlet", "bfgs"])
+def test_works_with_verlet_and_bfgs(run, kind):
+    calc, atoms, buffer, workdir = run
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=3,
+                              background=False, workdir=workdir)
+    dyn = VelocityVerlet(atoms, 1 * units.fs) if kind == "verlet" else BFGS(atoms, logfile=None)
+    dyn.attach(learner, interval=1)
+    dyn.run(steps=8) if kind == "verlet" else dyn.run(fmax=1e-6, steps=8)
+    assert len(buffer) >= 3 and any(r["event"] == "refit_start" for r in learner.history)
+
+
+def test_uncertainty_is_larger_out_of_distribution(emt_checkpoint):
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    calc.fit_uncertainty(emt_frames(12, seed=1), emt_frames(6, seed=2))
+    inside = [calc.get_energy_uncertainty(a) for a in emt_frames(4, seed=3)]
+    outside = [calc.get_energy_uncertainty(a) for a in emt_frames(4, seed=4, rattle=0.35)]
+    assert np.median(outside) > 1.5 * np.median(inside)
+    with pytest.raises(PetftError, match="not fitted"):
+        FineTunableCalculator(emt_checkpoint).get_energy_uncertainty(emt_frames(1, seed=0)[0])
+
+
+def _run_script(checkpoint, workdir, steps, refit_every, *, kill_after=None):
+    cmd = [sys.executable, str(HERE / "_learner_run.py"), str(checkpoint), str(workdir),
+           str(steps), str(refit_every)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env) as proc:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if kill_after and kill_after(lines):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=300)
+    return lines
+
+
+def test_sigkill_then_rerun_resumes_without_repeating_references(emt_checkpoint, tmp_path):
+    calls = tmp_path / "calls.log"
+
+    def after_a_swap(lines):
+        return any(line.startswith("STEP") and line.split()[2] != "0" for line in lines) \
+            and sum(line.startswith("STEP") for line in lines) >= 22
+
+    first = _run_script(emt_checkpoint, tmp_path, 40, 4, kill_after=after_a_swap)
+    assert "DONE" not in first
+    with LabelBuffer(tmp_path / "labels.h5", mode="r") as buffer:
+        labelled_before = len(buffer)
+    calls_before = len(calls.read_text().splitlines())
+    assert labelled_before >= 8 and calls_before >= labelled_before
+    generation_before = int([ln for ln in first if ln.startswith("STEP")][-1].split()[2])
+
+    second = _run_script(emt_checkpoint, tmp_path, 40, 4)
+    assert second[-1] == "DONE"
+    assert int(second[0].split()[2]) >= generation_before  # continues from accepted gen
+    with LabelBuffer(tmp_path / "labels.h5", mode="r") as buffer:
+        frames = list(buffer.frames())
+        labelled_after = len(frames)
+    calls_after = len(calls.read_text().splitlines())
+    new_calls = calls_after - calls_before
+    assert labelled_after > labelled_before  # all old labels kept, new ones added
+    assert new_calls == labelled_after - labelled_before  # no structure labelled twice
+
+
+class CountingEMT(EMT):
+    """Counts calls per tag at class level: label() runs on a deep copy of it."""
+
+    counts: dict = {}
+
+    def __init__(self, tag):
+        super().__init__()
+        self.tag = tag
+        CountingEMT.counts[tag] = 0
+
+    @property
+    def count(self):
+        return CountingEMT.counts[self.tag]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        CountingEMT.counts[self.tag] += 1
+        super().calculate(atoms, properties, system_changes or [])
+
+
+def test_replayed_structures_are_taken_from_the_buffer(emt_checkpoint, tmp_path):
+    def replay(reference):
+        calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+        atoms = emt_frames(1, seed=5)[0]
+        atoms.calc = calc
+        with LabelBuffer(tmp_path / "labels.h5", mode="a") as buffer:
+            learner = OnTheFlyLearner(calc, reference, buffer, select=every(2),
+                                      refit_every=1000, background=False,
+                                      workdir=tmp_path / "learner")
+            dyn = _langevin(atoms, seed=3)
+            dyn.attach(learner, interval=1)
+            dyn.run(10)
+            return len(buffer), learner.history
+
+    first, second = CountingEMT("first"), CountingEMT("second")
+    n_first, _ = replay(first)
+    n_second, history = replay(second)
+    assert first.count >= n_first == 5
+    assert second.count == 0 and n_second == n_first
+    assert [row["event"] for row in history].count("label_reused") == 5
