@@ -142,6 +142,8 @@ class LabelBuffer:
         else:
             self._path, self._owns = pathlib.Path(os.fspath(path)).absolute(), True
             self._where = repr(str(self._path))
+            if mode != "r":  # like `open(..., "a")` in a new run folder: create it
+                self._path.parent.mkdir(parents=True, exist_ok=True)
             self._file, self._writer_lock, settings = _h5.open_path(self._path, mode=mode,
                                                                     layout=layout)
             self._root = self._file

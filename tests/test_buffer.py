@@ -565,3 +565,11 @@ def test_mtt_train_trains_on_an_exported_buffer(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert (tmp_path / "model.ckpt").is_file()
     assert "Forces found" in log and "Stress found" in log
+
+
+def test_buffer_in_a_new_folder_is_created(tmp_path):
+    from ase_petft import LabelBuffer
+
+    with LabelBuffer(tmp_path / "run1" / "deep" / "labels.h5", mode="a") as buffer:
+        assert len(buffer) == 0
+    assert (tmp_path / "run1" / "deep" / "labels.h5").is_file()
