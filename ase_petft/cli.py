@@ -1,7 +1,9 @@
-"""The ``petft`` command.
+"""The ``petft`` command: demo, finetune, buffer {info,export,import}, export, report.
 
 Exit codes: 0 success, 2 bad usage or bad input (one line on stderr, no traceback),
-1 a failure during the job.
+1 a failure during the job (see :func:`ase_petft._cli_common.exit_code`). The
+subcommands other than ``demo`` live in ``_cli_finetune``, ``_cli_buffer`` and
+``_cli_report``; ``petft COMMAND --help`` describes each.
 """
 
 from __future__ import annotations
@@ -15,35 +17,24 @@ import tempfile
 from typing import List, Optional
 
 from . import __version__
-from .errors import PetftError
+from ._cli_buffer import add_buffer_parser
+from ._cli_common import exit_code, one_line
+from ._cli_finetune import add_export_parser, add_finetune_parser
+from ._cli_report import add_report_parser
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
+    from . import demo
 
-    settings = DemoSettings(
-        steps_before=args.steps, steps_after=args.steps, n_labels=args.labels,
-        n_holdout=args.holdout, method=args.method, seed=args.seed,
-    )
+    settings = demo.settings_from_args(args)
     workdir = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(
         tempfile.mkdtemp(prefix="petft-demo-")
     )
-    total = settings.steps_before + settings.steps_after
-    with _progress(total, "MD steps", args.quiet) as bar:
-        report = run_demo(settings, workdir=workdir, progress=bar.update)
-    print(f"\nMolecule {report.molecule} ({report.n_atoms} atoms), {report.md_steps} MD "
-          f"steps at {settings.temperature_K:.0f} K; {report.n_labels} GFN2-xTB labels, "
-          f"refit + swap in {report.refit_time_s:.1f} s (generation {report.generation}).")
-    print(f"Errors against GFN2-xTB on {report.n_holdout} held-out frames from the MD "
-          "after the swap:\n")
-    width = max(len(r["model"]) for r in report.rows)
-    print(f"  {'model':<{width}}  E MAE meV/atom  F MAE meV/Å")
-    for row in report.rows:
-        print(f"  {row['model']:<{width}}  {row['energy_mae_meV_per_atom']:14.1f}"
-              f"  {row['forces_mae_meV_per_A']:11.1f}")
-    print(f"\nTotal {report.wall_time_s:.0f} s; generations in {report.workdir}")
+    with _progress(settings.steps, "MD steps", args.quiet) as bar:
+        report = demo.run_demo(settings, workdir=workdir, progress=bar.update)
+    print(demo.format_report(report, settings))
     return EXIT_OK
 
 
@@ -86,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         "head in-process, hot-swap it into the running calculator and report errors "
         "before/after on held-out frames.",
     )
-    demo.add_argument("--steps", type=int, default=200, help="MD steps before and after the refit")
-    demo.add_argument("--labels", type=int, default=10, help="GFN2-xTB labels to train on")
-    demo.add_argument("--holdout", type=int, default=10, help="held-out frames for errors")
-    demo.add_argument("--method", choices=["heads", "full", "lora"], default="heads")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workdir", default=None, help="where generations are written")
-    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
+    add_finetune_parser(sub)
+    add_buffer_parser(sub)
+    add_export_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -110,17 +101,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return args.func(args)
-    except (PetftError, ValueError, FileNotFoundError) as exc:
-        print(f"petft {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as exc:  # a failure during the job: say what, keep it short
-        logging.getLogger("ase_petft.cli").debug("traceback", exc_info=True)
-        print(f"petft {args.command}: failed: {type(exc).__name__}: {exc} "
-              "(run with -vv for the traceback)", file=sys.stderr)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
         return EXIT_FAILURE
+    except Exception as exc:  # say what, on one line; the traceback only with -vv
+        logging.getLogger("ase_petft.cli").debug("traceback", exc_info=True)
+        code = exit_code(exc)
+        if code == EXIT_USAGE:
+            print(f"petft {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"petft {args.command}: failed: {type(exc).__name__}: {one_line(exc)} "
+                  "(run with -vv for the traceback)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The main job, ``petft demo``: learn a new level of theory during a running MD.
+"""The main job, ``petft demo``: a running MD learns a new level of theory.
 
 The shipped demo PET (pretrained on GFN1-xTB) drives a Langevin MD of a molecule that
 is not in its training set, through a *new* variant ``energy/gfn2`` that starts as a
-copy of the GFN1 head. A few MD frames are labelled with GFN2-xTB (tblite), the new head
-is fine-tuned in-process and hot-swapped into the running calculator, and the MD goes
-on. Errors against GFN2-xTB are measured on held-out frames taken from the MD *after*
-the swap (frames no model was trained on).
+copy of the GFN1 head. An :class:`~ase_petft.learner.OnTheFlyLearner` labels the
+structures the model is unsure about with GFN2-xTB (tblite) — plus one every
+``max_gap`` steps — into an HDF5 buffer, refits the head in a background thread and
+hot-swaps each accepted generation into the running calculator. Along the run, the
+current model is scored against GFN2-xTB on held-out frames from an independent MD
+that no model was trained on.
 """
 
 from __future__ import annotations
@@ -28,35 +30,43 @@ __all__ = ["DemoSettings", "DemoReport", "run_demo", "demo_molecule"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoSettings:
-    """Knobs of the demo (defaults: under 3 minutes on 2 CPU cores)."""
+    """Knobs of the demo (defaults: well under 3 minutes on 2 CPU cores)."""
 
-    steps_before: int = 200
-    steps_after: int = 200
-    n_labels: int = 10
-    n_holdout: int = 10
+    steps: int = 600
+    checkpoints: int = 6
+    threshold_eV_per_atom: float = 0.01
+    max_gap: int = 150
+    refit_every: int = 4
+    max_labels: int = 24
+    n_holdout: int = 12
     temperature_K: float = 400.0
     timestep_fs: float = 0.5
     method: str = "heads"
+    background: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps_before", "steps_after", "n_labels", "n_holdout"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer")
-        if self.n_labels > self.steps_before or self.n_holdout > self.steps_after:
-            raise ValueError("cannot take more frames than MD steps")
+        for name in ("steps", "checkpoints", "max_gap", "refit_every", "max_labels",
+                     "n_holdout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PetftError(f"demo setting {name} must be a positive integer, "
+                                 f"got {value!r}")
+        if self.checkpoints > self.steps:
+            raise PetftError("demo: more error checkpoints than MD steps")
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoReport:
     molecule: str
     n_atoms: int
+    rows: List[Dict[str, float]]       # error versus simulation time
+    baselines: List[Dict[str, float]]  # GFN1-xTB itself, zero-shot head
+    oracle_calls: int
     n_labels: int
-    n_holdout: int
-    rows: List[Dict[str, float]]
-    refit_time_s: float
-    md_steps: int
     generation: int
+    refit_times_s: List[float]
+    md_ms_per_step: float
     wall_time_s: float
     workdir: str
 
@@ -77,7 +87,7 @@ def _xtb(method: str):
     return TBLite(method=method, verbosity=0)
 
 
-def _md(atoms, settings: DemoSettings, seed: int):
+def _langevin(atoms, settings: DemoSettings, seed: int):
     from ase import units
     from ase.md.langevin import Langevin
 
@@ -87,18 +97,21 @@ def _md(atoms, settings: DemoSettings, seed: int):
     )
 
 
-def _run_and_snapshot(dyn, atoms, n_steps: int, n_frames: int, tick) -> list:
-    every = max(1, n_steps // n_frames)
+def _holdout_frames(name: str, settings: DemoSettings, reference) -> list:
+    """GFN2-labelled frames of an independent MD (GFN1 demo head, another seed)."""
+    from ase.build import molecule
+
+    from .calculator import FineTunableCalculator
+    from .data import demo_checkpoint
+    from .labelling import label
+
+    atoms = molecule(name)
+    atoms.calc = FineTunableCalculator(demo_checkpoint())
+    dyn = _langevin(atoms, settings, settings.seed + 1000)
     frames = []
-
-    def snapshot():
-        if len(frames) < n_frames and dyn.nsteps % every == every - 1:
-            frames.append(atoms.copy())
-
-    dyn.attach(snapshot, interval=1)
-    dyn.attach(tick, interval=1)
-    dyn.run(n_steps)
-    dyn.observers.clear()
+    for _ in range(settings.n_holdout):
+        dyn.run(25)
+        frames.append(label(atoms, reference))
     return frames
 
 
@@ -121,46 +134,125 @@ def run_demo(
     workdir: pathlib.Path,
     progress: Optional[Callable[[int], None]] = None,
 ) -> DemoReport:
-    """Run the demo; ``progress(n)`` is called after every MD step."""
+    """Run the demo in ``workdir``; ``progress(n)`` is called after every MD step."""
     from ase.build import molecule
 
+    from .buffer import LabelBuffer
     from .calculator import FineTunableCalculator
     from .config import FineTuneConfig
     from .data import demo_checkpoint
-    from .labelling import label
+    from .learner import OnTheFlyLearner, max_gap, uncertainty_above
 
     start = time.perf_counter()
-    tick = (lambda: progress(1)) if progress else (lambda: None)
+    workdir = pathlib.Path(workdir)
     gfn1, gfn2 = _xtb("GFN1-xTB"), _xtb("GFN2-xTB")
     name = demo_molecule()
-    atoms = molecule(name)
-    calc = FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2", workdir=workdir)
-    atoms.calc = calc
-    from ase.md.velocitydistribution import Stationary
-
-    dyn = _md(atoms, settings, settings.seed)
-    train = _run_and_snapshot(dyn, atoms, settings.steps_before, settings.n_labels, tick)
-    labelled = [label(frame, gfn2) for frame in train]
-    t0 = time.perf_counter()
-    result = calc.finetune(labelled, FineTuneConfig(method=settings.method, seed=settings.seed))
-    refit_time = time.perf_counter() - t0
-    logger.info("fine-tuned on %d GFN2 labels in %.1f s", len(labelled), refit_time)
-    Stationary(atoms)
-    holdout = _run_and_snapshot(dyn, atoms, settings.steps_after, settings.n_holdout, tick)
-    holdout = [label(frame, gfn2) for frame in holdout]
-
-    pretrained = FineTunableCalculator(demo_checkpoint(), variant="energy")
-    rows = [
-        {"model": "GFN1-xTB itself (level-of-theory gap)", **_errors(holdout, gfn1)},
-        {"model": "PET 'energy' head (pretrained on GFN1)", **_errors(holdout, pretrained)},
-        {"model": "PET 'energy/gfn2' generation 0 (zero-shot copy)",
-         **_errors(holdout, FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2"))},
-        {"model": f"PET 'energy/gfn2' generation {calc.generation} "
-                  f"({settings.method}, {len(labelled)} labels)", **_errors(holdout, calc)},
+    holdout = _holdout_frames(name, settings, gfn2)
+    baselines = [
+        {"model": "GFN1-xTB itself (the level-of-theory gap)", **_errors(holdout, gfn1)},
+        {"model": "zero-shot 'energy/gfn2' (= pretrained GFN1 head)",
+         **_errors(holdout, FineTunableCalculator(demo_checkpoint()))},
     ]
+    atoms = molecule(name)
+    calc = FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2")
+    atoms.calc = calc
+    with LabelBuffer(workdir / "labels.h5", mode="a") as buffer:
+        learner = OnTheFlyLearner(
+            calc, gfn2, buffer, workdir=workdir / "learner",
+            select=uncertainty_above(settings.threshold_eV_per_atom) | max_gap(settings.max_gap),
+            refit_every=settings.refit_every, max_labels=settings.max_labels,
+            config=FineTuneConfig(method=settings.method, seed=settings.seed),
+            background=settings.background, holdout_fraction=0.2,
+        )
+        dyn = _langevin(atoms, settings, settings.seed)
+        dyn.attach(learner, interval=1)
+        if progress is not None:
+            dyn.attach(lambda: progress(1), interval=1)
+        rows, md_time = _run_with_checkpoints(dyn, calc, learner, holdout, settings)
+        learner.close()
+        n_labels = len(buffer)
+    refits = [r["refit_wall_time_s"] for r in learner.history
+              if r["event"] in ("swap", "refit_rejected") and r.get("refit_wall_time_s")]
     return DemoReport(
-        molecule=name, n_atoms=len(atoms), n_labels=len(labelled), n_holdout=len(holdout),
-        rows=rows, refit_time_s=refit_time, md_steps=settings.steps_before + settings.steps_after,
-        generation=calc.generation, wall_time_s=time.perf_counter() - start,
-        workdir=str(workdir),
+        molecule=name, n_atoms=len(atoms), rows=rows, baselines=baselines,
+        oracle_calls=learner.reference_calls, n_labels=n_labels,
+        generation=calc.generation, refit_times_s=refits,
+        md_ms_per_step=1e3 * md_time / settings.steps,
+        wall_time_s=time.perf_counter() - start, workdir=str(workdir),
     )
+
+
+def _run_with_checkpoints(dyn, calc, learner, holdout, settings: DemoSettings):
+    rows, md_time = [], 0.0
+    chunk = settings.steps // settings.checkpoints
+    for index in range(settings.checkpoints):
+        steps = chunk if index < settings.checkpoints - 1 else settings.steps - chunk * index
+        t0 = time.perf_counter()
+        dyn.run(steps)
+        md_time += time.perf_counter() - t0
+        if index == settings.checkpoints - 1:
+            learner.wait()  # the last refit lands before the final score
+        rows.append({
+            "time_ps": dyn.nsteps * settings.timestep_fs / 1000.0,
+            "oracle_calls": learner.reference_calls,
+            "generation": calc.generation,
+            **_errors(holdout, calc),
+        })
+    return rows, md_time
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser) -> None:
+    """Options of ``petft demo``."""
+    defaults = DemoSettings()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="MD steps")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold_eV_per_atom,
+                        help="label when the energy uncertainty exceeds this (eV/atom)")
+    parser.add_argument("--max-gap", type=int, default=defaults.max_gap,
+                        help="label at least every this many steps")
+    parser.add_argument("--max-labels", type=int, default=defaults.max_labels,
+                        help="budget of GFN2-xTB calls")
+    parser.add_argument("--refit-every", type=int, default=defaults.refit_every)
+    parser.add_argument("--method", choices=["heads", "full", "lora"], default="heads")
+    parser.add_argument("--inline", action="store_true",
+                        help="refit inline instead of in a background thread")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None,
+                        help="where the buffer and generations go (default: a new temp dir)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args) -> DemoSettings:
+    return DemoSettings(
+        steps=args.steps, threshold_eV_per_atom=args.threshold, max_gap=args.max_gap,
+        max_labels=args.max_labels, refit_every=args.refit_every, method=args.method,
+        background=not args.inline, seed=args.seed,
+        checkpoints=min(DemoSettings().checkpoints, args.steps),
+    )
+
+
+def format_report(report: DemoReport, settings: DemoSettings) -> str:
+    lines = [
+        f"Molecule {report.molecule} ({report.n_atoms} atoms, not in the demo model's "
+        f"training set), Langevin {settings.temperature_K:.0f} K, "
+        f"{settings.timestep_fs} fs steps, MD {report.md_ms_per_step:.1f} ms/step.",
+        f"GFN2-xTB oracle calls: {report.oracle_calls} (labels in buffer: "
+        f"{report.n_labels}); generation {report.generation}; refits "
+        + ", ".join(f"{t:.1f}" for t in report.refit_times_s) + " s.",
+        "",
+        "Errors against GFN2-xTB on held-out frames (independent MD):",
+        "",
+        f"  {'reference point':<48}  E MAE meV/atom  F MAE meV/Å",
+    ]
+    for row in report.baselines:
+        lines.append(f"  {row['model']:<48}  {row['energy_mae_meV_per_atom']:14.1f}"
+                     f"  {row['forces_mae_meV_per_A']:11.1f}")
+    lines += ["", f"  {'time ps':>7}  {'oracle calls':>12}  {'generation':>10}"
+                  f"  E MAE meV/atom  F MAE meV/Å"]
+    for row in report.rows:
+        lines.append(f"  {row['time_ps']:7.3f}  {row['oracle_calls']:12d}"
+                     f"  {row['generation']:10d}  {row['energy_mae_meV_per_atom']:14.1f}"
+                     f"  {row['forces_mae_meV_per_A']:11.1f}")
+    lines += ["", f"Total {report.wall_time_s:.0f} s; buffer and generations in "
+                  f"{report.workdir}"]
+    return "\n".join(lines)

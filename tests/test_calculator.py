@@ -329,9 +329,11 @@ def test_old_checkpoint_versions_are_upgraded(tmp_path):
 def test_global_logging_and_warning_state_untouched(emt_checkpoint):
     logger_class = logging.getLoggerClass()
     filters = list(warnings.filters)
+    root_handlers = list(logging.getLogger().handlers)
     FineTunableCalculator(emt_checkpoint, variant="energy/new")
     assert logging.getLoggerClass() is logger_class
     assert warnings.filters == filters
+    assert logging.getLogger().handlers == root_handlers  # no basicConfig behind our back
 
 
 def test_import_is_light():

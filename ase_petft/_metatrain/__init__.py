@@ -107,8 +107,10 @@ def model_from_checkpoint(ckpt: Dict[str, Any], *, source: str = "checkpoint"):
     _pet_class()
     from metatrain.utils.io import model_from_checkpoint as _mtt_load
 
+    from .training import routed_logs
+
     try:
-        with preserved_global_state(), warnings.catch_warnings():
+        with preserved_global_state(), warnings.catch_warnings(), routed_logs():
             warnings.simplefilter("ignore")
             model = _mtt_load(copy.copy(ckpt), context="finetune")
     except Exception as exc:
@@ -116,6 +118,11 @@ def model_from_checkpoint(ckpt: Dict[str, Any], *, source: str = "checkpoint"):
             f"metatrain could not build a PET model from {source}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    from .training import merge_lora
+
+    if merge_lora(model):  # e.g. an `mtt train` LoRA run: W + (alpha/rank) B A
+        model.finetune_config = {}
+        logger.info("merged the LoRA adapters of %s into plain PET weights", source)
     return model
 
 

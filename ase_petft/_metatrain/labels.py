@@ -13,8 +13,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ...errors import FineTuneError
-from ...variants import validate_variant
+from ..errors import FineTuneError
+from ..variants import validate_variant
 
 __all__ = ["Label", "labels_from_frames", "group_by_variant"]
 

@@ -1,0 +1,183 @@
+"""Benchmark: in-process refits (heads linear/SGD, full, LoRA, full+replay) vs `mtt train`.
+
+Two levels of theory on rattled CuNi cells: EMT (the base model's level) and a
+re-parameterised EMT (the new variant ``energy/reparam``). One base PET is trained by
+``mtt train`` (or passed with --base); every method then refits the new variant on
+the same labels, and the same heads job runs through ``mtt train`` as a subprocess
+with metatrain's fine-tuning options (method: heads, read_from, inherit_heads) and
+the same split, epochs, learning rate, batch size and seed.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_finetune.py [--base model.ckpt] [--out DIR]
+
+Prints one table: wall time, held-out errors on the new level (and on the old level
+for the replay run), and the speed-up of each run against the mtt subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+NEW = "energy/reparam"
+DESCRIPTION = "re-parameterised EMT (benchmark level)"
+BASE_HYPERS = {"cutoff": 4.0, "d_pet": 32, "d_head": 32, "d_node": 64, "d_feedforward": 64,
+               "num_heads": 2, "num_attention_layers": 1, "num_gnn_layers": 2}
+
+
+def run_mtt(workdir: pathlib.Path, options: dict) -> float:
+    (workdir / "options.yaml").write_text(json.dumps(options, indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "metatrain", "train", "options.yaml",
+                           "-o", "model.pt"], cwd=workdir, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return time.perf_counter() - start
+
+
+def targets(name: str, description: str) -> dict:
+    return {name: {"key": "energy", "unit": "eV", "description": description,
+                   "forces": {"key": "forces"}, "stress": {"key": "stress"}}}
+
+
+def train_base(workdir: pathlib.Path, epochs: int) -> pathlib.Path:
+    import ase.io
+    from test_finetune import level_frames
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ase.io.write(workdir / "train.xyz", level_frames(48, seed=1), format="extxyz")
+    options = {
+        "seed": 0,
+        "architecture": {"name": "pet", "model": BASE_HYPERS, "training": {
+            "batch_size": 8, "num_epochs": epochs, "num_workers": 0,
+            "learning_rate": 6e-3, "warmup_fraction": 0.05}},
+        "training_set": {"systems": {"read_from": "train.xyz", "length_unit": "angstrom"},
+                         "targets": targets("energy", "EMT total energy (ase.calculators.emt)")},
+        "validation_set": 0.1, "test_set": 0.0,
+    }
+    print(f"training the base model ({epochs} epochs) ...", flush=True)
+    wall = run_mtt(workdir, options)
+    print(f"base model trained in {wall:.0f} s", flush=True)
+    return workdir / "model.ckpt"
+
+
+def mtt_heads(workdir: pathlib.Path, base, train, val, cfg) -> float:
+    import ase.io
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ase.io.write(workdir / "train.xyz", train, format="extxyz")
+    ase.io.write(workdir / "val.xyz", val, format="extxyz")
+    options = {
+        "seed": cfg.seed,
+        "architecture": {"name": "pet", "training": {
+            "batch_size": cfg.batch_size, "num_epochs": cfg.num_epochs, "num_workers": 0,
+            "learning_rate": cfg.learning_rate,
+            "finetune": {"method": "heads", "read_from": str(base),
+                         "config": {"head_modules": list(cfg.head_modules),
+                                    "last_layer_modules": list(cfg.last_layer_modules)},
+                         "inherit_heads": {NEW: "energy"}}}},
+        "training_set": {"systems": {"read_from": "train.xyz", "length_unit": "angstrom"},
+                         "targets": targets(NEW, DESCRIPTION)},
+        "validation_set": {"systems": {"read_from": "val.xyz", "length_unit": "angstrom"},
+                           "targets": targets(NEW, DESCRIPTION)},
+        "test_set": 0.0,
+    }
+    return run_mtt(workdir, options)
+
+
+def errors(checkpoint, frames, variant) -> dict:
+    from ase_petft import _metatrain
+    from ase_petft._metatrain.engine import error_metrics
+    from ase_petft._metatrain.labels import labels_from_frames
+    from ase_petft._metatrain.training import predict
+
+    labels = labels_from_frames(frames)
+    return error_metrics(labels, predict(_metatrain.load_model(checkpoint), frames, variant))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", help="base PET checkpoint (default: train one)")
+    parser.add_argument("--base-epochs", type=int, default=40)
+    parser.add_argument("--labels", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--out", help="work directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    import torch
+    from test_finetune import ReparamEMT, level_frames
+    from ase_petft.config import FineTuneConfig
+    from ase_petft.finetune import finetune
+    from ase_petft._metatrain.engine import split_indices
+    import numpy as np
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench-finetune-"))
+    base = pathlib.Path(args.base) if args.base else train_base(out / "base", args.base_epochs)
+
+    labels = level_frames(args.labels, seed=3, calc=ReparamEMT)
+    test_new = level_frames(12, seed=50, calc=ReparamEMT)
+    test_old = level_frames(12, seed=50)
+    replay = level_frames(args.labels, seed=7)
+    sgd = dict(num_epochs=args.epochs, learning_rate=1e-3, batch_size=4, seed=0)
+    runs = {
+        "heads linear (rot 0)": FineTuneConfig(method="heads", solver="linear", rotations=0),
+        "heads linear (rot 1)": FineTuneConfig(method="heads", solver="linear", rotations=1),
+        "heads sgd": FineTuneConfig(method="heads", solver="sgd", **sgd),
+        "heads sgd, mtt baseline": FineTuneConfig(method="heads", solver="sgd", **sgd,
+                                                  new_variant_baseline="metatrain"),
+        "full sgd": FineTuneConfig(method="full", **sgd),
+        "lora sgd": FineTuneConfig(method="lora", **sgd),
+        "full sgd + replay": FineTuneConfig(method="full", **sgd),
+    }
+    rows = [("zero-shot (energy head)", None, errors(base, test_new, "energy"),
+             errors(base, test_old, "energy"))]
+    for name, cfg in runs.items():
+        kwargs = {"replay": {"energy": replay}} if "replay" in name else {}
+        start = time.perf_counter()
+        result = finetune(base, labels, variant=NEW, config=cfg,
+                          output_dir=out / name.replace(" ", "_"), **kwargs)
+        wall = time.perf_counter() - start
+        old = errors(result.checkpoint_path, test_old, "energy") if "replay" in name or \
+            "heads" in name else {}
+        rows.append((name, wall, errors(result.checkpoint_path, test_new, NEW), old))
+        print(f"{name}: {wall:.1f} s", flush=True)
+
+    cfg = runs["heads sgd"]
+    # the split our engine makes for the first (only) variant of the run
+    train_idx, val_idx = split_indices(len(labels), cfg.validation_fraction,
+                                       np.random.default_rng(cfg.seed))
+    train_frames, val_frames = [labels[i] for i in train_idx], [labels[i] for i in val_idx]
+    wall = mtt_heads(out / "mtt_heads", base, train_frames, val_frames, cfg)
+    rows.append(("mtt train heads (subprocess)", wall,
+                 errors(out / "mtt_heads" / "model.ckpt", test_new, NEW), {}))
+    print_table(rows, mtt_wall=wall, n=len(labels))
+
+
+def print_table(rows, *, mtt_wall: float, n: int) -> None:
+    print(f"\nheld-out: 12 structures (32 atoms) per level; {n} labels of the new level")
+    head = (f"{'run':30s} {'wall s':>7s} {'x mtt':>6s} {'E meV/at':>9s} {'F meV/A':>8s} "
+            f"{'S meV/A3':>9s} {'old F meV/A':>11s}")
+    print(head)
+    print("-" * len(head))
+    for name, wall, new, old in rows:
+        speed = "" if wall is None else f"{mtt_wall / wall:6.1f}"
+        wall_s = "" if wall is None else f"{wall:7.1f}"
+        print(f"{name:30s} {wall_s:>7s} {speed:>6s} {new['energy_mae_meV_per_atom']:9.2f} "
+              f"{new['forces_mae_meV_per_A']:8.1f} {new.get('stress_mae_meV_per_A3', float('nan')):9.2f} "
+              f"{old.get('forces_mae_meV_per_A', float('nan')):11.1f}")
+
+
+if __name__ == "__main__":
+    main()

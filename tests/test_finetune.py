@@ -1,0 +1,328 @@
+"""In-process fine-tuning engine (issue #4): heads/full/lora, variants, replay, I/O.
+
+Two levels of theory: EMT and a re-parameterised EMT (``ReparamEMT``: stiffer pair
+repulsion, shifted cohesive energies), both on rattled CuNi cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase.calculators.emt import EMT
+
+from conftest import emt_frames
+
+from ase_petft import FineTuneError
+from ase_petft.config import FineTuneConfig, FineTuneResult
+from ase_petft.finetune import finetune, finetune_calculator
+
+NEW = "energy/reparam"
+
+
+class ReparamEMT(EMT):
+    """EMT with a 35 % stiffer pair repulsion and shifted E0: a related level."""
+
+    def initialize(self, atoms):
+        super().initialize(atoms)
+        self.par["V0"] = self.par["V0"] * 1.35
+        self.par["neghalfv0overgamma2"] = self.par["neghalfv0overgamma2"] * 1.35
+        self.par["E0"] = self.par["E0"] + np.where(self.par["Z"] == 29, 0.3, -0.2)
+
+
+def level_frames(n, *, seed, calc=EMT, rattle=0.05):
+    """Labelled CuNi cells of one level (energy, forces, stress)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = emt_frames(n, seed=seed, rattle=rattle)
+    out = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = calc()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+                   "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        out.append(atoms)
+    return out
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def predictions(checkpoint, frames, variant):
+    from ase_petft import _metatrain
+    from ase_petft._metatrain.training import predict
+
+    return predict(_metatrain.load_model(checkpoint), frames, variant)
+
+
+def force_mae(checkpoint, frames, variant) -> float:
+    pred = predictions(checkpoint, frames, variant)
+    err = [p["forces"] - a.calc.results["forces"] for p, a in zip(pred, frames)]
+    return 1e3 * float(np.mean(np.abs(np.concatenate(err))))
+
+
+SGD_FAST = dict(solver="sgd", num_epochs=3, batch_size=4)
+
+
+# ------------------------------------------------------------------ config
+def test_config_is_frozen_keyword_only_and_validated():
+    config = FineTuneConfig(method="full", trainer_overrides={"weight_decay": 1e-4})
+    with pytest.raises(Exception):
+        config.method = "heads"
+    with pytest.raises(TypeError):
+        FineTuneConfig("heads")  # keyword-only
+    assert config.effective_solver == "sgd"
+    assert FineTuneConfig().effective_solver == "linear"
+    assert json.loads(json.dumps(config.to_dict()))["trainer_overrides"] == {"weight_decay": 1e-4}
+    bad = [dict(method="bogus"), dict(num_epochs=0), dict(learning_rate=-1.0),
+           dict(validation_fraction=1.0), dict(batch_size=2.5), dict(solver="linear", method="full"),
+           dict(trainer_overrides={"num_epochs": 3}), dict(energy_weight=0, forces_weight=0,
+           stress_weight=0), dict(head_modules="node_heads"), dict(inherit_from="pbe0")]
+    for kwargs in bad:
+        with pytest.raises(Exception) as info:
+            FineTuneConfig(**kwargs)
+        assert isinstance(info.value, (FineTuneError, ValueError)), kwargs
+
+
+def test_trainer_overrides_are_checked_by_metatrain(emt_checkpoint, tmp_path):
+    config = FineTuneConfig(**SGD_FAST, trainer_overrides={"not_a_hyper": 1})
+    with pytest.raises(FineTuneError, match="metatrain rejected"):
+        finetune(emt_checkpoint, level_frames(4, seed=3), variant=NEW, config=config,
+                 output_dir=tmp_path / "gen")
+
+
+# ------------------------------------------------------------------ heads / variants
+@pytest.mark.parametrize("solver", ["sgd", "linear"])
+def test_heads_new_variant_leaves_other_variants_bit_identical(emt_checkpoint, tmp_path, solver):
+    frames = level_frames(6, seed=3, calc=ReparamEMT)
+    probe = level_frames(3, seed=99)
+    digest = sha256(emt_checkpoint)
+    config = FineTuneConfig(method="heads", solver=solver, num_epochs=3)
+    result = finetune(emt_checkpoint, frames, variant=NEW, config=config,
+                      output_dir=tmp_path / "gen")
+    assert sha256(emt_checkpoint) == digest  # input untouched
+    assert isinstance(result, FineTuneResult) and result.generation is None
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [
+        "config.json", "metrics.json", "model.ckpt", "model.pt"]
+    assert result.n_train + result.n_val == 6 and result.n_val == 1
+    assert result.metrics["after"]["forces_mae_meV_per_A"] > 0
+    assert json.loads((tmp_path / "gen" / "metrics.json").read_text())["variant"] == NEW
+    old = predictions(emt_checkpoint, probe, "energy")
+    new = predictions(result.checkpoint_path, probe, "energy")
+    for a, b in zip(old, new):
+        assert a["energy"] == b["energy"]
+        assert np.array_equal(a["forces"], b["forces"])
+        assert np.array_equal(a["stress"], b["stress"])
+    assert new != predictions(result.checkpoint_path, probe, NEW)
+
+
+def test_second_round_continues_from_trained_head(emt_checkpoint, tmp_path):
+    from ase_petft import _metatrain
+    from ase_petft._metatrain.linear import last_layer_parameters
+
+    config = FineTuneConfig(method="heads", **SGD_FAST)
+    epochs = []
+    first = finetune(emt_checkpoint, level_frames(6, seed=3, calc=ReparamEMT), variant=NEW,
+                     config=config, output_dir=tmp_path / "gen1",
+                     progress=lambda epoch, total: epochs.append((epoch, total)))
+    assert epochs == [(1, 3), (2, 3), (3, 3)]
+    frozen = config.replace(learning_rate=1e-12)  # round 2 must start where round 1 ended
+    second = finetune(first.checkpoint_path, level_frames(6, seed=4, calc=ReparamEMT),
+                      variant=NEW, config=frozen, output_dir=tmp_path / "gen2")
+    m1, m2 = (_metatrain.load_model(r.checkpoint_path) for r in (first, second))
+    parent = dict(last_layer_parameters(m1, "energy"))
+    for (name, p1), (_, p2) in zip(last_layer_parameters(m1, NEW), last_layer_parameters(m2, NEW)):
+        assert torch.allclose(p1, p2, atol=1e-6)
+        source = parent[name.replace(NEW, "energy")]
+        assert not torch.allclose(p1, source)
+
+
+def test_deterministic_for_fixed_seed(emt_checkpoint, tmp_path):
+    from ase_petft import _metatrain
+
+    frames = level_frames(6, seed=3, calc=ReparamEMT)
+    config = FineTuneConfig(method="full", **SGD_FAST, seed=7)
+    runs = [finetune(emt_checkpoint, frames, variant=NEW, config=config,
+                     output_dir=tmp_path / f"run{i}") for i in range(2)]
+    states = [_metatrain.load_model(r.checkpoint_path).state_dict() for r in runs]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# ------------------------------------------------------------------ full / lora / replay
+def test_full_without_replay_drops_old_head_and_calculator_refuses_it(emt_checkpoint, tmp_path):
+    from ase_petft import FineTunableCalculator, VariantError
+
+    result = finetune(emt_checkpoint, level_frames(6, seed=3, calc=ReparamEMT), variant=NEW,
+                      config=FineTuneConfig(method="full", **SGD_FAST),
+                      output_dir=tmp_path / "gen")
+    assert result.dropped_variants == ("energy",)
+    with pytest.raises(VariantError, match="energy/reparam"):
+        FineTunableCalculator(result.checkpoint_path, variant="energy", inherit_from=None)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_replay_keeps_other_heads(emt_checkpoint, tmp_path, method):
+    from ase_petft import _metatrain
+
+    replay = level_frames(4, seed=11)
+    tagged = [a.copy() for a in replay]
+    for atoms, src in zip(tagged, replay):
+        atoms.calc = src.calc
+        atoms.info["variant"] = "energy"
+    result = finetune(emt_checkpoint, level_frames(6, seed=3, calc=ReparamEMT), variant=NEW,
+                      config=FineTuneConfig(method=method, **SGD_FAST),
+                      output_dir=tmp_path / "gen", replay=tagged)
+    assert result.dropped_variants == ()
+    assert "energy" in result.metrics["replay"]
+    model = _metatrain.load_model(result.checkpoint_path)
+    assert not any("lora" in k for k in model.state_dict())  # LoRA merged: plain PET
+    assert set(_metatrain.energy_variants(model)) == {"energy", NEW}
+
+
+def test_lora_merge_matches_wrapped_model(emt_checkpoint):
+    from ase_petft import _metatrain
+    from ase_petft._metatrain.training import merge_lora, predict
+    from metatrain.pet.modules.finetuning import inject_lora_layers
+
+    model = _metatrain.load_model(emt_checkpoint)
+    probe = level_frames(2, seed=5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        inject_lora_layers(model, rank=2, alpha=4.0)
+    wrapped = predict(model, probe, "energy")
+    assert merge_lora(model) > 0
+    merged = predict(model, probe, "energy")
+    for a, b in zip(wrapped, merged):
+        assert a["energy"] == pytest.approx(b["energy"], rel=1e-5)
+        np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-4)
+
+
+def test_frames_from_buffer_like_objects_and_tagged_replay():
+    from ase_petft._metatrain.labels import group_by_variant
+
+    class Buffer:  # duck-typed LabelBuffer
+        def __init__(self, frames):
+            self._frames = frames
+
+        def frames(self, variant=None):
+            return iter([a for a in self._frames if variant in (None, a.info["variant"])])
+
+    old, new = level_frames(2, seed=1), level_frames(3, seed=2, calc=ReparamEMT)
+    for atoms in old:
+        atoms.info["variant"] = "energy"
+    for atoms in new:
+        atoms.info["variant"] = NEW
+    buffer = Buffer(old + new)
+    groups = group_by_variant(buffer, variant=NEW, replay=Buffer(old))
+    assert {k: len(v) for k, v in groups.items()} == {NEW: 3, "energy": 2}
+    assert group_by_variant(new, variant=NEW, replay={"energy": buffer})["energy"][0].energy \
+        == old[0].calc.results["energy"]
+    assert old[0].calc is not None and "variant" in old[0].info  # caller's atoms untouched
+
+
+# ------------------------------------------------------------------ failures
+def test_failures_raise_finetune_error_and_leave_input_untouched(emt_checkpoint, tmp_path):
+    from ase.build import bulk
+
+    digest = sha256(emt_checkpoint)
+    good = level_frames(4, seed=3, calc=ReparamEMT)
+    config = FineTuneConfig(**SGD_FAST)
+    with pytest.raises(FineTuneError, match="too few"):
+        finetune(emt_checkpoint, good[:1], variant=NEW, config=config, output_dir=tmp_path / "a")
+    alien = bulk("Al", "fcc", a=4.05, cubic=True)
+    alien.calc = good[0].calc.__class__(alien, energy=-1.0, forces=np.zeros((4, 3)))
+    with pytest.raises(FineTuneError, match="Al"):
+        finetune(emt_checkpoint, good + [alien], variant=NEW, config=config,
+                 output_dir=tmp_path / "b")
+    unlabelled = [a.copy() for a in good]  # .copy() drops the calculator
+    with pytest.raises(FineTuneError, match="no energy label"):
+        finetune(emt_checkpoint, unlabelled, variant=NEW, config=config, output_dir=tmp_path / "c")
+    with pytest.raises(FineTuneError, match="replay variant"):
+        finetune(emt_checkpoint, good, variant=NEW, config=config, output_dir=tmp_path / "d",
+                 replay={"energy/other": good})
+    with pytest.raises(FineTuneError, match="inherit_from is None"):
+        finetune(emt_checkpoint, good, variant=NEW, config=config.replace(inherit_from=None),
+                 output_dir=tmp_path / "e")
+    wild = config.replace(method="full", learning_rate=1e3, num_epochs=4,
+                          trainer_overrides={"grad_clip_norm": 1e9})
+    with pytest.raises(FineTuneError, match="diverged|NaN"):
+        finetune(emt_checkpoint, good, variant=NEW, config=wild, output_dir=tmp_path / "f")
+    assert not (tmp_path / "f" / "model.ckpt").exists()
+    assert sha256(emt_checkpoint) == digest
+
+
+def test_global_state_left_as_it_was(emt_checkpoint, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = logging.getLogger()
+    before = (list(root.handlers), list(root.filters), logging.getLoggerClass(),
+              list(warnings.filters), torch.get_num_threads(), np.random.get_state()[1].copy(),
+              random.getstate(), torch.random.get_rng_state().clone())
+    finetune(emt_checkpoint, level_frames(4, seed=3, calc=ReparamEMT), variant=NEW,
+             config=FineTuneConfig(**SGD_FAST), output_dir=tmp_path / "gen")
+    after = (list(root.handlers), list(root.filters), logging.getLoggerClass(),
+             list(warnings.filters), torch.get_num_threads(), np.random.get_state()[1].copy(),
+             random.getstate(), torch.random.get_rng_state().clone())
+    assert before[:5] == after[:5]
+    assert np.array_equal(before[5], after[5]) and before[6] == after[6]
+    assert torch.equal(before[7], after[7])
+    assert list(cwd.iterdir()) == []
+    assert not list((tmp_path / "gen").glob(".scratch*"))
+
+
+# ------------------------------------------------------------------ calculator + compatibility
+def test_finetune_calculator_hot_swaps_and_matches_metatomic(emt_checkpoint, tmp_path):
+    from ase_petft import FineTunableCalculator
+    from metatomic_ase import MetatomicCalculator
+
+    calc = FineTunableCalculator(emt_checkpoint, variant=NEW, workdir=tmp_path / "work")
+    probe = level_frames(2, seed=21)[0].copy()
+    probe.calc = calc
+    e0 = probe.get_potential_energy()
+    result = finetune_calculator(calc, level_frames(6, seed=3, calc=ReparamEMT),
+                                 FineTuneConfig(method="heads"))
+    assert probe.calc is calc and calc.generation == 1 and result.generation == 1
+    assert result.checkpoint_path.parent.parent == tmp_path / "work"
+    e1 = probe.get_potential_energy()
+    assert e1 != e0
+    reference = predictions(result.checkpoint_path, [probe], NEW)[0]
+    assert e1 == pytest.approx(reference["energy"], rel=1e-5)
+    exported = MetatomicCalculator(str(result.model_path), variants={"energy": "reparam"})
+    other = probe.copy()
+    other.calc = exported
+    assert other.get_potential_energy() == pytest.approx(e1, rel=1e-5)
+    np.testing.assert_allclose(other.get_forces(), probe.get_forces(), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_accepted_by_mtt_export_and_eval(emt_checkpoint, tmp_path):
+    import ase.io
+
+    result = finetune(emt_checkpoint, level_frames(6, seed=3, calc=ReparamEMT), variant=NEW,
+                      config=FineTuneConfig(method="heads"), output_dir=tmp_path / "gen")
+    work = tmp_path / "mtt"
+    work.mkdir()
+    ase.io.write(work / "test.xyz", level_frames(2, seed=8, calc=ReparamEMT), format="extxyz")
+    options = {"systems": {"read_from": "test.xyz", "length_unit": "angstrom"},
+               "targets": {NEW: {"key": "energy", "unit": "eV", "forces": {"key": "forces"}}}}
+    (work / "eval.yaml").write_text(json.dumps(options))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for args in (["export", str(result.checkpoint_path), "-o", "exported.pt"],
+                 ["eval", "exported.pt", "eval.yaml", "-o", "out.xyz"]):
+        proc = subprocess.run([sys.executable, "-m", "metatrain", *args], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (work / "exported.pt").is_file()
