@@ -31,6 +31,10 @@ _LAZY = {
     "finetune": "finetune",
     "FineTuneConfig": "config",
     "FineTuneResult": "config",
+    "OnTheFlyLearner": "learner",
+    "every": "selection",
+    "max_gap": "selection",
+    "uncertainty_above": "selection",
 }
 
 __all__ = [
