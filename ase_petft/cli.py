@@ -109,11 +109,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_FAILURE
     except Exception as exc:  # say what, on one line; the traceback only with -vv
         logging.getLogger("ase_petft.cli").debug("traceback", exc_info=True)
-        code = exit_code(exc)
+        code, name = exit_code(exc), " ".join([args.command, getattr(args, "action", "")])
         if code == EXIT_USAGE:
-            print(f"petft {args.command}: error: {one_line(exc)}", file=sys.stderr)
+            print(f"petft {name.strip()}: error: {one_line(exc)}", file=sys.stderr)
         else:
-            print(f"petft {args.command}: failed: {type(exc).__name__}: {one_line(exc)} "
+            print(f"petft {name.strip()}: failed: {type(exc).__name__}: {one_line(exc)} "
                   "(run with -vv for the traceback)", file=sys.stderr)
         return code
 

@@ -1,0 +1,180 @@
+"""Shared pieces of the ``petft`` subcommands: exit codes, input errors, label files.
+
+Exit codes: 0 success, 2 bad usage or bad input, 1 a failure during the job. An
+error counts as *bad input* when it is one of :data:`INPUT_ERRORS`, or when it was
+caused (``raise ... from``) by one: a fine-tuning run refused because its checkpoint
+cannot be read is an input problem, not a failed job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Dict, Iterator, List, Optional
+
+from .errors import (CheckpointError, FineTuneError, LabelBufferError, LabellingError,
+                     ModelSwapError, PetftError, UnsupportedSystemError, VariantError)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(PetftError, ValueError):
+    """Bad command-line input found by the CLI itself (exit code 2)."""
+
+
+#: errors about what the user gave (exit code 2), also when they caused a job error
+INPUT_ERRORS = (UsageError, CheckpointError, VariantError, LabelBufferError,
+                UnsupportedSystemError, FileNotFoundError, IsADirectoryError,
+                NotADirectoryError)
+#: errors of the work itself: exit code 1
+JOB_ERRORS = (FineTuneError, LabellingError, ModelSwapError)
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for bad input (also a job error caused by bad input), 1 for a failed job."""
+    if isinstance(exc, JOB_ERRORS):
+        cause, seen = exc.__cause__, 0
+        while cause is not None and seen < 10:
+            if isinstance(cause, INPUT_ERRORS) and not isinstance(cause, JOB_ERRORS):
+                return EXIT_USAGE
+            cause, seen = cause.__cause__, seen + 1
+        return EXIT_FAILURE
+    if isinstance(exc, INPUT_ERRORS + (PetftError, ValueError)):
+        return EXIT_USAGE  # other PetftErrors are setup problems (a missing extra, ...)
+    return EXIT_FAILURE
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (no traceback, no line breaks)."""
+    text = str(exc)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) \
+            and exc.filename is not None and exc.strerror:
+        text = f"{exc.strerror}: {str(exc.filename)!r}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def existing_file(path: str, what: str) -> pathlib.Path:
+    """``path`` as a Path, or a :class:`UsageError` if it is not an existing file."""
+    found = pathlib.Path(path)
+    if not found.exists():
+        raise UsageError(f"{what} {path!r} does not exist")
+    if not found.is_file():
+        raise UsageError(f"{what} {path!r} is not a file")
+    return found
+
+
+# ---------------------------------------------------------------------- progress
+class EpochBar:
+    """``progress(epoch, n_epochs)`` callback drawing a tqdm bar on stderr (or nothing)."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self._desc, self._quiet, self._bar = desc, quiet, None
+
+    def __call__(self, epoch: int, n_epochs: int) -> None:
+        if self._quiet:
+            return
+        if self._bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self._quiet = True
+                return
+            self._bar = tqdm(total=n_epochs, desc=self._desc, unit="epoch",
+                             file=sys.stderr, leave=False)
+        self._bar.update(max(0, epoch - self._bar.n))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def epoch_bar(desc: str, quiet: bool) -> Iterator[EpochBar]:
+    bar = EpochBar(desc, quiet)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------- label files
+def is_buffer(path: pathlib.Path) -> bool:
+    """True for an HDF5 file (a :class:`~ase_petft.LabelBuffer`)."""
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
+def buffer_frames(path: pathlib.Path, variant: Optional[str] = None) -> List:
+    """Labels of a buffer file (of ``variant`` when given; an error if it has none)."""
+    from .buffer import LabelBuffer
+
+    with LabelBuffer(path, mode="r") as buffer:
+        if variant is not None and variant not in buffer.variants:
+            have = list(buffer.variants) or "no labels"
+            raise UsageError(f"buffer {str(path)!r} has no labels of variant {variant!r} "
+                             f"(it has {have}); pass --variant with one of these")
+        return list(buffer.frames(variant=variant))
+
+
+def file_frames(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
+    """Labelled frames of any file ``ase.io`` reads, validated like buffer labels.
+
+    The frames go through a temporary :class:`~ase_petft.LabelBuffer` (its
+    ``import_file``), so a missing energy, a NaN or a wrong shape is a clear
+    :class:`~ase_petft.LabelBufferError`. Forces are optional.
+    """
+    from .buffer import LabelBuffer
+
+    with tempfile.TemporaryDirectory(prefix="petft-import-") as tmp:
+        with LabelBuffer(pathlib.Path(tmp) / "labels.h5", mode="w-", require_forces=False,
+                         fsync=False) as buffer:
+            buffer.import_file(path, variant=variant, index=index)
+            return list(buffer.frames())
+
+
+def read_labels(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
+    """Frames of ``variant`` from a buffer (.h5) or any labelled file ASE reads."""
+    if is_buffer(path):
+        return buffer_frames(path, variant)
+    return file_frames(path, variant, index=index)
+
+
+def read_replay(paths: List[str], *, exclude: str, default_variant: str) -> Dict[str, list]:
+    """``{variant: frames}`` of replay files: every variant of a buffer except
+    ``exclude``; all frames of another file as ``default_variant``."""
+    replay: Dict[str, list] = {}
+    for name in paths:
+        path = existing_file(name, "replay file")
+        if is_buffer(path):
+            groups: Dict[str, list] = {}
+            for atoms in buffer_frames(path):
+                groups.setdefault(atoms.info["variant"], []).append(atoms)
+            groups.pop(exclude, None)
+            if not groups:
+                raise UsageError(f"replay buffer {name!r} has no labels of a variant other "
+                                 f"than {exclude!r}: nothing to replay")
+        else:
+            if default_variant == exclude:
+                raise UsageError(f"--replay-variant is {exclude!r}, the variant being "
+                                 "trained: replay is for the other variants")
+            groups = {default_variant: file_frames(path, default_variant)}
+        for variant, frames in groups.items():
+            replay.setdefault(variant, []).extend(frames)
+    return replay
+
+
+def file_size(path: pathlib.Path) -> str:
+    size = float(os.stat(path).st_size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
