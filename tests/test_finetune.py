@@ -326,3 +326,24 @@ def test_checkpoint_accepted_by_mtt_export_and_eval(emt_checkpoint, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (work / "exported.pt").is_file()
+
+
+@pytest.mark.parametrize("method", ["full", "heads"])
+def test_sgd_on_labels_without_stress(emt_checkpoint, tmp_path, method):
+    """Molecules and energy+forces labels carry no stress: SGD must still train."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for atoms in emt_frames(6, seed=3):
+        results = atoms.calc.results
+        copy = atoms.copy()
+        copy.calc = SinglePointCalculator(copy, energy=results["energy"],
+                                          forces=results["forces"])
+        frames.append(copy)
+    config = FineTuneConfig(method=method, solver="sgd", num_epochs=2, seed=0)
+    result = finetune(emt_checkpoint, frames, variant="energy/nostress", config=config,
+                      output_dir=tmp_path / "out")
+    assert result.checkpoint_path.is_file()
+    assert "stress_mae_meV_per_A3" not in result.metrics["after"]
+    assert np.isfinite(result.metrics["after"]["forces_mae_meV_per_A"])

@@ -213,7 +213,7 @@ def _create_variant(run: Run) -> None:
 
 def _train_sgd(run: Run, scratch_dir: str, progress) -> int:
     config, model = run.config, run.model
-    targets = {name: _target_info(run, name) for name in run.train}
+    targets = {name: _trained_target_info(run, name) for name in run.train}
     with preserved_global_state(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.restart(training.run_info(model, targets))
@@ -242,6 +242,18 @@ def _train_sgd(run: Run, scratch_dir: str, progress) -> int:
     logger.info("best epoch %d of %d kept (metatrain keeps the best, not the last)",
                 best_epoch, config.num_epochs)
     return best_epoch
+
+
+def _trained_target_info(run: Run, name: str):
+    """The variant's target info with the gradients its labels actually have:
+    metatrain's metrics divide by zero for a gradient no frame carries (molecules have
+    no stress, a learner may label energies and forces only)."""
+    from .predict import _with_gradients
+
+    labels = list(run.train[name]) + list(run.val.get(name) or [])
+    forces = any(label.forces is not None for label in labels)
+    stress = any(label.stress is not None and label.periodic for label in labels)
+    return _with_gradients(_target_info(run, name), forces, stress)
 
 
 def _target_info(run: Run, name: str):
