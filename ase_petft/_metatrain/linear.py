@@ -163,17 +163,27 @@ def _solve(A: np.ndarray, y: np.ndarray, ridge):
         m = V @ (b / (eig + lam))
         gamma = float(np.sum(eig / (eig + lam)))
         return m, {"ridge": lam, "gamma": gamma}
-    n = len(y)
-    alpha, beta = 1.0, 1.0 / max(float(np.var(y)), 1e-12)
-    for _ in range(200):
-        m = V @ (beta * b / (beta * eig + alpha))
-        gamma = float(np.sum(beta * eig / (beta * eig + alpha)))
-        new_alpha = gamma / max(float(m @ m), 1e-300)
+    return _evidence_grid(A, y, eig, V, b)
+
+
+def _evidence_grid(A, y, eig, V, b):
+    """λ = α/β maximising the log evidence on a log grid (β at its optimum for each λ).
+
+    A grid, not MacKay's fixed-point iteration: the iteration can run away to
+    α → ∞ (no update at all) on informative data, which a grid cannot."""
+    n, p = len(y), len(eig)
+    scale = max(float(np.mean(eig)), 1e-30)
+    best = None
+    for lam in scale * np.logspace(-10, 4, 57):
+        m = V @ (b / (eig + lam))
         residual = float(np.sum((y - A @ m) ** 2))
-        new_beta = max(n - gamma, 1e-12) / max(residual, 1e-300)
-        converged = abs(np.log(new_alpha / alpha)) < 1e-6 and abs(np.log(new_beta / beta)) < 1e-6
-        alpha, beta = new_alpha, new_beta
-        if converged:
-            break
-    m = V @ (beta * b / (beta * eig + alpha))
-    return m, {"ridge": alpha / beta, "gamma": gamma}
+        beta = n / max(residual + lam * float(m @ m), 1e-300)
+        alpha = lam * beta
+        log_evidence = (0.5 * p * np.log(alpha) + 0.5 * n * np.log(beta)
+                        - 0.5 * beta * residual - 0.5 * alpha * float(m @ m)
+                        - 0.5 * float(np.sum(np.log(beta * eig + alpha))))
+        if best is None or log_evidence > best[0]:
+            best = (log_evidence, lam, m)
+    _, lam, m = best
+    gamma = float(np.sum(eig / (eig + lam)))
+    return m, {"ridge": lam, "gamma": gamma}
