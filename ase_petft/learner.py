@@ -28,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import os
 import pathlib
 import tempfile
 import time
@@ -43,6 +42,8 @@ from .selection import (  # noqa: F401  (re-exported: policies live with the lea
 )
 
 logger = logging.getLogger(__name__)
+
+_MIN_CALIBRATION = 5  # held-out labels needed before the uncertainty is calibrated on them
 
 __all__ = ["OnTheFlyLearner", "every", "uncertainty_above", "max_gap", "Policy"]
 
@@ -224,8 +225,11 @@ class OnTheFlyLearner:
         holdout = [a for a in frames if a.info.get("holdout")]
         if len(train) < 2:
             return
+        # a calibration constant from one or two held-out residuals is noise: until
+        # there are a few, calibrate on all labels (optimistic, but stable)
+        calibration = holdout if len(holdout) >= _MIN_CALIBRATION else train + holdout
         try:
-            self.calc.fit_uncertainty(train, holdout or None)
+            self.calc.fit_uncertainty(train, calibration)
         except Exception as exc:  # uncertainty is advisory: never stop the run for it
             logger.warning("could not fit the uncertainty: %s", exc)
 
