@@ -24,11 +24,11 @@ def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
     from ase.build import molecule
 
     from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer
-    from ase_petft.demo import _errors, _langevin, _xtb, demo_molecule
+    from ase_petft.demo import _errors, _langevin, _start, _xtb, demo_molecule
     from ase_petft.learner import OnTheFlyLearner
     from ase_petft.data import demo_checkpoint
 
-    atoms = molecule(demo_molecule())
+    atoms = _start(molecule(demo_molecule()), settings, settings.seed)
     calc = FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2")
     atoms.calc = calc
     step_times, during = [], []
@@ -77,7 +77,8 @@ def main() -> None:
 
     steps = 300 if args.quick else args.steps
     settings = DemoSettings(steps=steps, checkpoints=1, n_holdout=12)
-    holdout = _holdout_frames(demo_molecule(), settings, _xtb("GFN2-xTB"))
+    holdout, _ = _holdout_frames(demo_molecule(), settings, _xtb("GFN2-xTB"),
+                                 _xtb("GFN1-xTB"))
     policies = {
         "every(10)": (every(10), 10, False),
         f"uncertainty_above({args.threshold}) | max_gap({args.max_gap})":
