@@ -34,6 +34,7 @@ _LAZY = {
     "OnTheFlyLearner": "learner",
     "every": "selection",
     "max_gap": "selection",
+    "min_gap": "selection",
     "uncertainty_above": "selection",
 }
 

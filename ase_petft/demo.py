@@ -35,7 +35,8 @@ class DemoSettings:
     steps: int = 600
     checkpoints: int = 6
     threshold_eV_per_atom: float = 0.01
-    max_gap: int = 150
+    min_gap: int = 20
+    max_gap: int = 200
     refit_every: int = 4
     max_labels: int = 24
     n_holdout: int = 12
@@ -46,7 +47,7 @@ class DemoSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "checkpoints", "max_gap", "refit_every", "max_labels",
+        for name in ("steps", "checkpoints", "min_gap", "max_gap", "refit_every", "max_labels",
                      "n_holdout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -175,7 +176,7 @@ def run_demo(
     from .calculator import FineTunableCalculator
     from .config import FineTuneConfig
     from .data import demo_checkpoint
-    from .learner import OnTheFlyLearner, max_gap, uncertainty_above
+    from .learner import OnTheFlyLearner, max_gap, min_gap, uncertainty_above
 
     start = time.perf_counter()
     workdir = pathlib.Path(workdir)
@@ -196,7 +197,8 @@ def run_demo(
     with LabelBuffer(workdir / "labels.h5", mode="a") as buffer:
         learner = OnTheFlyLearner(
             calc, gfn2, buffer, workdir=workdir / "learner",
-            select=uncertainty_above(settings.threshold_eV_per_atom) | max_gap(settings.max_gap),
+            select=(uncertainty_above(settings.threshold_eV_per_atom) & min_gap(settings.min_gap))
+            | max_gap(settings.max_gap),
             refit_every=settings.refit_every, max_labels=settings.max_labels,
             config=FineTuneConfig(method=settings.method, seed=settings.seed),
             background=settings.background, holdout_fraction=0.2,
@@ -245,6 +247,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="MD steps")
     parser.add_argument("--threshold", type=float, default=defaults.threshold_eV_per_atom,
                         help="label when the energy uncertainty exceeds this (eV/atom)")
+    parser.add_argument("--min-gap", type=int, default=defaults.min_gap,
+                        help="never label two structures closer than this many steps")
     parser.add_argument("--max-gap", type=int, default=defaults.max_gap,
                         help="label at least every this many steps")
     parser.add_argument("--max-labels", type=int, default=defaults.max_labels,
@@ -261,7 +265,8 @@ def add_arguments(parser) -> None:
 
 def settings_from_args(args) -> DemoSettings:
     return DemoSettings(
-        steps=args.steps, threshold_eV_per_atom=args.threshold, max_gap=args.max_gap,
+        steps=args.steps, threshold_eV_per_atom=args.threshold, min_gap=args.min_gap,
+        max_gap=args.max_gap,
         max_labels=args.max_labels, refit_every=args.refit_every, method=args.method,
         background=not args.inline, seed=args.seed,
         checkpoints=min(DemoSettings().checkpoints, args.steps),

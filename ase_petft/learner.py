@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import logging
 import pathlib
 import tempfile
@@ -38,14 +39,12 @@ import numpy as np
 from . import _generations as gens
 from .errors import LabellingError, PetftError
 from .selection import (  # noqa: F401  (re-exported: policies live with the learner)
-    Policy, StepContext, always, every, max_gap, never, uncertainty_above,
+    Policy, StepContext, always, every, max_gap, min_gap, never, uncertainty_above,
 )
 
 logger = logging.getLogger(__name__)
 
-_MIN_CALIBRATION = 5  # held-out labels needed before the uncertainty is calibrated on them
-
-__all__ = ["OnTheFlyLearner", "every", "uncertainty_above", "max_gap", "Policy"]
+__all__ = ["OnTheFlyLearner", "every", "uncertainty_above", "max_gap", "min_gap", "Policy"]
 
 
 class OnTheFlyLearner:
@@ -210,7 +209,9 @@ class OnTheFlyLearner:
         return tuple(p for p in self.properties if p != "stress")
 
     def _next_is_holdout(self) -> bool:
-        wanted = int((self._n_labels + 1) * self.holdout_fraction)
+        # the first label is held out: the gate and the uncertainty's calibration
+        # need one, and training-frame residuals would calibrate nothing
+        wanted = math.ceil((self._n_labels + 1) * self.holdout_fraction - 1e-9)
         return wanted > self._n_holdout
 
     def _split(self):
@@ -225,11 +226,10 @@ class OnTheFlyLearner:
         holdout = [a for a in frames if a.info.get("holdout")]
         if len(train) < 2:
             return
-        # a calibration constant from one or two held-out residuals is noise: until
-        # there are a few, calibrate on all labels (optimistic, but stable)
-        calibration = holdout if len(holdout) >= _MIN_CALIBRATION else train + holdout
+        if not holdout:  # LLPR calibrated on its own training frames is meaningless
+            return
         try:
-            self.calc.fit_uncertainty(train, calibration)
+            self.calc.fit_uncertainty(train, holdout)
         except Exception as exc:  # uncertainty is advisory: never stop the run for it
             logger.warning("could not fit the uncertainty: %s", exc)
 

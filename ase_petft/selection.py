@@ -13,7 +13,8 @@ import dataclasses
 from typing import Callable, Optional
 
 __all__ = [
-    "StepContext", "Policy", "every", "uncertainty_above", "max_gap", "never", "always",
+    "StepContext", "Policy", "every", "uncertainty_above", "max_gap", "min_gap", "never",
+    "always",
 ]
 
 
@@ -91,6 +92,14 @@ def max_gap(n: int) -> Policy:
     """Label when ``n`` steps have passed without a label."""
     n = _positive_int("max_gap(n)", n)
     return Policy(lambda ctx: ctx.steps_since_label >= n, f"max_gap({n})")
+
+
+def min_gap(n: int) -> Policy:
+    """True when at least ``n`` steps passed since the last label; combine with ``&``
+    (``uncertainty_above(0.02) & min_gap(20)``) so that neighbouring, nearly identical
+    MD frames are not all sent to the reference."""
+    n = _positive_int("min_gap(n)", n)
+    return Policy(lambda ctx: ctx.steps_since_label >= n, f"min_gap({n})")
 
 
 def uncertainty_above(threshold_eV_per_atom: float) -> Policy:

@@ -57,8 +57,10 @@ def fit(llpr, variant: str, train: Sequence[Label], calibration: Sequence[Label]
             f"LLPR needs labelled frames to fit ({len(train)}) and to calibrate "
             f"({len(calibration)}); label a few structures first"
         )
+    from .training import routed_logs
+
     name = uncertainty_output(variant)
-    with preserved_global_state(), warnings.catch_warnings(), torch.no_grad():
+    with preserved_global_state(), warnings.catch_warnings(), torch.no_grad(), routed_logs():
         warnings.simplefilter("ignore")
         getattr(llpr, f"covariance_{name}").zero_()
         llpr.compute_covariance([build_dataset(train, variant, forces=False, stress=False)],
