@@ -85,17 +85,16 @@ def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
                                            inherit_from=None)
         assert atoms.get_potential_energy() == pytest.approx(
             fresh.get_potential_energy(), rel=1e-6)
-    # rollback returns to the previous accepted generation
-    probe = emt_frames(1, seed=31)[0]
-    probe.calc = FineTunableCalculator(workdir / "gen-0000" / "model.ckpt",
-                                       variant="energy/emt", inherit_from=None)
-    expected = probe.get_potential_energy()
+    # rollback returns to the previous accepted generation, predictions included
     accepted = [r["generation"] for r in learner.history if r["event"] == "swap"]
     target = learner.rollback()
-    assert target == (accepted[-2] if len(accepted) > 1 else 0)
-    if target == 0:
-        probe.calc = calc
-        assert probe.get_potential_energy() == pytest.approx(expected, rel=1e-6)
+    assert target == accepted[-2] and calc.generation == target
+    probe = emt_frames(1, seed=31)[0]
+    probe.calc = FineTunableCalculator(workdir / f"gen-{target:04d}" / "model.ckpt",
+                                       variant="energy/emt", inherit_from=None)
+    expected = probe.get_potential_energy()
+    probe.calc = calc
+    assert probe.get_potential_energy() == pytest.approx(expected, rel=1e-6)
     holdout = [a.info["holdout"] for a in buffer.frames("energy/emt")]
     assert holdout[0] and sum(holdout) == int(np.ceil(len(holdout) * 0.25 - 1e-9))
     meta = buffer[0].info
