@@ -20,7 +20,7 @@ import numpy as np
 
 
 def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
-         refit_every: int):
+         refit_every: int, max_labels=None):
     from ase.build import molecule
 
     from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer
@@ -36,7 +36,7 @@ def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
         learner = OnTheFlyLearner(
             calc, _xtb("GFN2-xTB"), buffer, select=policy, refit_every=refit_every,
             background=background, holdout_fraction=0.2, workdir=workdir / "learner",
-            config=FineTuneConfig(method="heads", seed=0),
+            config=FineTuneConfig(method="heads", seed=0), max_labels=max_labels,
         )
         dyn = _langevin(atoms, settings, settings.seed)
         dyn.attach(learner, interval=1)
@@ -70,26 +70,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threshold", type=float, default=0.01, help="eV/atom")
     parser.add_argument("--max-gap", type=int, default=400)
+    parser.add_argument("--min-gap", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=0.2,
+                        help="label budget of the uncertainty run, as a fraction of "
+                        "the every(10) run's labels")
     parser.add_argument("--quick", action="store_true", help="300 steps")
     args = parser.parse_args()
     from ase_petft.demo import DemoSettings, _holdout_frames, _xtb, demo_molecule
-    from ase_petft.learner import every, max_gap, uncertainty_above
+    from ase_petft.learner import every, max_gap, min_gap, uncertainty_above
 
     steps = 300 if args.quick else args.steps
     settings = DemoSettings(steps=steps, checkpoints=1, n_holdout=12)
     holdout, _ = _holdout_frames(demo_molecule(), settings, _xtb("GFN2-xTB"),
                                  _xtb("GFN1-xTB"))
+    budget = max(2, int(args.budget * steps / 10))
+    uncertain = (f"(uncertainty_above({args.threshold}) & min_gap({args.min_gap})) "
+                 f"| max_gap({args.max_gap}), max_labels={budget}")
     policies = {
-        "every(10)": (every(10), 10, False),
-        f"uncertainty_above({args.threshold}) | max_gap({args.max_gap})":
-            (uncertainty_above(args.threshold) | max_gap(args.max_gap), 3, False),
-        "every(10), background refits": (every(10), 10, True),
+        "every(10)": (every(10), 10, False, None),
+        uncertain: ((uncertainty_above(args.threshold) & min_gap(args.min_gap))
+                    | max_gap(args.max_gap), 3, False, budget),
+        "every(10), background refits": (every(10), 10, True, None),
     }
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (policy, refit_every, background)) in enumerate(policies.items()):
+        for i, (name, (policy, refit_every, background, cap)) in enumerate(policies.items()):
             rows[name] = _run(policy, settings, holdout, pathlib.Path(tmp) / f"run{i}",
-                              background=background, refit_every=refit_every)
+                              background=background, refit_every=refit_every,
+                              max_labels=cap)
     base = rows["every(10)"]
     print(f"# {steps} MD steps of {demo_molecule()} at {settings.temperature_K:.0f} K, "
           f"{len(holdout)} held-out GFN2-xTB frames; refits heads/linear")
