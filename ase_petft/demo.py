@@ -25,7 +25,7 @@ from .errors import PetftError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoSettings", "DemoReport", "run_demo", "demo_molecule"]
+__all__ = ["DemoSettings", "DemoReport", "run_demo", "demo_molecule", "prediction_errors"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,7 +150,8 @@ def _label_errors(frames, references) -> Dict[str, float]:
     }
 
 
-def _errors(frames, calc) -> Dict[str, float]:
+def prediction_errors(frames, calc) -> Dict[str, float]:
+    """Energy (meV/atom) and force (meV/Å) MAE of ``calc`` against labelled frames."""
     e_err, f_err = [], []
     for ref in frames:
         probe = ref.copy()
@@ -189,7 +190,7 @@ def run_demo(
         {"model": "GFN1-xTB itself (the level-of-theory gap)",
          **_label_errors(holdout_gfn1, holdout)},
         {"model": "zero-shot 'energy/gfn2' (= pretrained GFN1 head)",
-         **_errors(holdout, FineTunableCalculator(demo_checkpoint()))},
+         **prediction_errors(holdout, FineTunableCalculator(demo_checkpoint()))},
     ]
     atoms = _start(molecule(name), settings, settings.seed)
     calc = FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2")
@@ -235,7 +236,7 @@ def _run_with_checkpoints(dyn, calc, learner, holdout, settings: DemoSettings):
             "time_ps": dyn.nsteps * settings.timestep_fs / 1000.0,
             "oracle_calls": learner.reference_calls,
             "generation": calc.generation,
-            **_errors(holdout, calc),
+            **prediction_errors(holdout, calc),
         })
     return rows, md_time
 

@@ -24,7 +24,7 @@ def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
     from ase.build import molecule
 
     from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer
-    from ase_petft.demo import _errors, _langevin, _start, _xtb, demo_molecule
+    from ase_petft.demo import _langevin, _start, _xtb, demo_molecule
     from ase_petft.learner import OnTheFlyLearner
     from ase_petft.data import demo_checkpoint
 
@@ -53,7 +53,9 @@ def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
         dyn.run(settings.steps)
         learner.close()
         wall = time.perf_counter() - start
-    errors = _errors(holdout, calc)
+    from ase_petft.demo import prediction_errors
+
+    errors = prediction_errors(holdout, calc)
     times = np.array(step_times[1:])
     flags = np.array(during[1:], dtype=bool)
     return {

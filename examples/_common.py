@@ -161,14 +161,9 @@ def label_all(frames: List[Atoms], reference) -> List[Atoms]:
 
 def errors(calc, labelled: List[Atoms]) -> Dict[str, float]:
     """Energy (meV/atom) and force (meV/Å) MAE of ``calc`` against labelled frames."""
-    e_err, f_err = [], []
-    for ref in labelled:
-        probe = ref.copy()
-        probe.calc = calc
-        e_err.append((probe.get_potential_energy() - ref.get_potential_energy()) / len(ref))
-        f_err.append(np.abs(probe.get_forces() - ref.get_forces()).ravel())
-    return {"energy_mae_meV_per_atom": 1e3 * float(np.mean(np.abs(e_err))),
-            "forces_mae_meV_per_A": 1e3 * float(np.mean(np.concatenate(f_err)))}
+    from ase_petft.demo import prediction_errors
+
+    return prediction_errors(labelled, calc)
 
 
 HEADERS = {"energy_mae_meV_per_atom": "E MAE (meV/atom)",

@@ -57,7 +57,6 @@ def mtt_train(workdir: pathlib.Path, frames, *, epochs=2, hypers=None, seed=0,
 
     workdir.mkdir(parents=True, exist_ok=True)
     ase.io.write(workdir / "train.xyz", frames, format="extxyz")
-    model_hypers = "\n".join(f"      {k}: {v}" for k, v in (hypers or TINY_HYPERS).items())
     options = {
         "seed": seed,
         "architecture": {
@@ -102,3 +101,18 @@ def emt_checkpoint(tmp_path_factory):
 @pytest.fixture
 def cuni_atoms():
     return emt_frames(1, seed=123)[0]
+
+
+# calculators whose results are model predictions: buffers and label() must refuse them
+from ase.calculators.calculator import Calculator  # noqa: E402
+
+class ModelLike(Calculator):
+    implemented_properties = ["energy", "forces"]
+    _ase_petft_model_prediction = True
+
+
+class MetatomicLike(Calculator):
+    implemented_properties = ["energy", "forces"]
+
+
+MetatomicLike.__module__ = "metatomic.torch.ase_calculator"

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
-from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -30,6 +29,8 @@ from ase_petft.labelling import label, label_many
 if str(pathlib.Path(__file__).parent) not in sys.path:  # pytest's default import mode adds it
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _buffer_writer import make_frame  # noqa: E402
+
+from conftest import MetatomicLike, ModelLike  # noqa: E402
 
 WRITER = pathlib.Path(__file__).with_name("_buffer_writer.py")
 REPO = pathlib.Path(ase_petft.__file__).resolve().parents[1]
@@ -210,16 +211,6 @@ def test_an_h5py_group_given_by_the_caller_is_never_closed(path):
 # -- refused inputs: error type, message, buffer unchanged --------------------------------------
 
 
-class ModelLike(Calculator):
-    implemented_properties = ["energy", "forces"]
-    _ase_petft_model_prediction = True
-
-
-class MetatomicLike(Calculator):
-    implemented_properties = ["energy", "forces"]
-
-
-MetatomicLike.__module__ = "metatomic.torch.ase_calculator"
 
 
 def _stale():

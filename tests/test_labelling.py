@@ -18,6 +18,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase_petft.errors import LabellingError, PetftError
 from ase_petft.labelling import label, label_many
 
+from conftest import MetatomicLike, ModelLike
+
 
 def cu(seed=0):
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
@@ -52,16 +54,6 @@ class Unpicklable(EMT):
         self.lock = threading.Lock()
 
 
-class ModelLike(Calculator):
-    implemented_properties = ["energy", "forces"]
-    _ase_petft_model_prediction = True
-
-
-class MetatomicLike(Calculator):
-    implemented_properties = ["energy", "forces"]
-
-
-MetatomicLike.__module__ = "metatomic.torch.ase_calculator"
 
 
 def test_label_returns_a_labelled_copy_with_provenance():
