@@ -151,10 +151,14 @@ class Table:
     """
 
     def __init__(self, group: h5py.Group, *, swmr_reader: bool):
-        self.atoms, self.text = group["atoms"], group["text"]
-        self.frames, self.committed = group["frames"], group["committed"]
-        self._swmr_reader = swmr_reader
+        # ``committed`` is read first: a writer may append while the others are opened,
+        # and a reader must never know of more frames than the data it has opened.
+        self.committed = group["committed"]
         self.n = self.committed.shape[0]
+        self.atoms, self.text, self.frames = group["atoms"], group["text"], group["frames"]
+        self._swmr_reader = swmr_reader
+        if swmr_reader:
+            self._refresh_data()
         self.atom_end, self.text_end = ends(self.frames[self.n - 1:self.n] if self.n else
                                             np.empty(0, FRAME_DTYPE))
 
@@ -164,10 +168,13 @@ class Table:
             self.committed.refresh()
             n = self.committed.shape[0]
             if n != self.n:
-                for dset in (self.frames, self.atoms, self.text):
-                    dset.refresh()
+                self._refresh_data()
                 self.n = n
         return self.n
+
+    def _refresh_data(self) -> None:
+        for dset in (self.frames, self.atoms, self.text):
+            dset.refresh()
 
     def append(self, rows: np.ndarray, atoms: np.ndarray, text: bytes, sync) -> range:
         """Write frames (rows with offsets relative to this batch), then commit them.
@@ -193,7 +200,14 @@ class Table:
         return range(n, self.n)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return self.frames[start:stop]
+        rows = self.frames[start:stop]
+        if len(rows) < stop - start and self._swmr_reader:
+            self._refresh_data()  # metadata older than ``committed``: read it again
+            rows = self.frames[start:stop]
+        if len(rows) < stop - start:
+            raise LabelBufferError(f"frames {start}..{stop - 1} are committed but only "
+                                   f"{len(rows)} of them are readable; the file is damaged.")
+        return rows
 
     def payload(self, rows: np.ndarray) -> tuple:
         """(atom rows, text bytes, atom offset, text offset) covering ``rows``."""

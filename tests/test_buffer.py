@@ -462,6 +462,27 @@ def test_a_reader_follows_a_concurrent_writer(path):
     assert proc.returncode == 0, err
 
 
+def test_a_reader_whose_frame_metadata_lags_the_commit_count_reads_the_new_frames(path):
+    """The window CI hit once: a reader knew of a committed frame whose row it had not
+    refreshed yet (it opened ``frames`` before a writer's append and ``committed``
+    after it). Reproduced deterministically by refreshing only ``committed``."""
+    proc = _run_writer(path, "first", count=1)
+    assert proc.communicate(timeout=60)[0].splitlines()[-1] == "0 first-0"
+    with LabelBuffer(path, "r") as reader:
+        assert len(reader) == 1
+        proc = _run_writer(path, "late", count=2)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        table = reader._labels
+        table.committed.refresh()
+        table.n = table.committed.shape[0]  # frames/atoms/text still hold the old extent
+        assert table.frames.shape[0] == 1 and table.n == 3
+        got = reader[1:3]
+    assert [a.info["frame_id"] for a in got] == ["late-0", "late-1"]
+    for atoms in got:
+        assert_same_frame(atoms, make_frame(atoms.info["frame_id"])[0])
+
+
 # -- export and import -----------------------------------------------------------------------
 
 
