@@ -1,8 +1,9 @@
 """Benchmark: in-process refits (heads linear/SGD, full, LoRA, full+replay) vs `mtt train`.
 
 Two levels of theory on rattled CuNi cells: EMT (the base model's level) and a
-re-parameterised EMT (the new variant ``energy/reparam``). One base PET is trained by
-``mtt train`` (or passed with --base); every method then refits the new variant on
+re-parameterised EMT (the new variant ``energy/reparam``). The base PET is the one the
+tests use (``tests/data/emt-pet-base.ckpt``, made by ``scripts/train_emt_base.py``;
+``--train-base`` trains a quick one instead); every method then refits the new variant on
 the same labels, and the same heads job runs through ``mtt train`` as a subprocess
 with metatrain's fine-tuning options (method: heads, read_from, inherit_heads) and
 the same split, epochs, learning rate, batch size and seed.
@@ -108,8 +109,12 @@ def errors(checkpoint, frames, variant) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", help="base PET checkpoint (default: train one)")
+    parser.add_argument("--base", default=str(HERE.parent / "tests" / "data" / "emt-pet-base.ckpt"),
+                        help="base PET checkpoint (default: the tests' EMT base)")
+    parser.add_argument("--train-base", action="store_true",
+                        help="train a quick base with mtt train instead (--base-epochs)")
     parser.add_argument("--base-epochs", type=int, default=40)
+    parser.add_argument("--replay", type=int, default=48, help="replayed EMT frames")
     parser.add_argument("--labels", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--out", help="work directory (default: a temporary one)")
@@ -124,12 +129,12 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench-finetune-"))
-    base = pathlib.Path(args.base) if args.base else train_base(out / "base", args.base_epochs)
+    base = train_base(out / "base", args.base_epochs) if args.train_base else pathlib.Path(args.base)
 
     labels = level_frames(args.labels, seed=3, calc=ReparamEMT)
     test_new = level_frames(12, seed=50, calc=ReparamEMT)
     test_old = level_frames(12, seed=50)
-    replay = level_frames(args.labels, seed=7)
+    replay = level_frames(args.replay, seed=7)
     sgd = dict(num_epochs=args.epochs, learning_rate=1e-3, batch_size=4, seed=0)
     runs = {
         "heads linear (rot 0)": FineTuneConfig(method="heads", solver="linear", rotations=0),

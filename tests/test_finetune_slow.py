@@ -1,18 +1,18 @@
 """Slow accuracy checks of the fine-tuning engine on a two-level toy (issue #4).
 
-A base PET (d_pet 32, ~100 k parameters) is trained ~60-90 s by ``mtt train`` on EMT;
-the new level is ``ReparamEMT``. Run with ``pytest -m slow tests/test_finetune_slow.py``.
-The numbers are printed (``-s``) and reported in the issue; thresholds are set from
-what a base model trained this briefly can reach (its own force error on EMT is
-~220 meV/Å, which bounds every refit from below).
+The base is ``tests/data/emt-pet-base.ckpt``: a PET (d_pet 32, ~100 k parameters)
+trained ~7 minutes by ``mtt train`` on 320 EMT-labelled CuNi cells by
+``scripts/train_emt_base.py`` (held-out force MAE on EMT ~13 meV/Å, see
+``tests/data/emt-pet-base.json``). The new level is ``ReparamEMT`` (force gap to EMT
+~134 meV/Å). A base trained for a minute inside the test (the first version) had
+~205 meV/Å on its own level, which bounded every refit from below.
+
+Run alone with ``pytest -m slow tests/test_finetune_slow.py -s`` to see the numbers.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import pathlib
 
 import pytest
 
@@ -20,33 +20,18 @@ from test_finetune import NEW, ReparamEMT, force_mae, level_frames
 
 pytestmark = pytest.mark.slow
 
-BASE_HYPERS = {"cutoff": 4.0, "d_pet": 32, "d_head": 32, "d_node": 64, "d_feedforward": 64,
-               "num_heads": 2, "num_attention_layers": 1, "num_gnn_layers": 2}
+BASE = pathlib.Path(__file__).parent / "data" / "emt-pet-base.ckpt"
 
 
 @pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
-    import ase.io
-
-    work = tmp_path_factory.mktemp("base")
-    ase.io.write(work / "train.xyz", level_frames(48, seed=1), format="extxyz")
-    target = {"energy": {"key": "energy", "unit": "eV", "forces": {"key": "forces"},
-                         "stress": {"key": "stress"},
-                         "description": "EMT total energy (ase.calculators.emt)"}}
-    options = {"seed": 0, "architecture": {"name": "pet", "model": BASE_HYPERS, "training": {
-        "batch_size": 8, "num_epochs": 40, "num_workers": 0, "learning_rate": 6e-3,
-        "warmup_fraction": 0.05}},
-        "training_set": {"systems": {"read_from": "train.xyz", "length_unit": "angstrom"},
-                         "targets": target}, "validation_set": 0.1, "test_set": 0.0}
-    (work / "options.yaml").write_text(json.dumps(options))
-    proc = subprocess.run([sys.executable, "-m", "metatrain", "train", "options.yaml"],
-                          cwd=work, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work / "model.ckpt"
+def base_checkpoint():
+    assert BASE.is_file(), f"{BASE} is missing; run scripts/train_emt_base.py"
+    return BASE
 
 
 def test_two_level_heads_and_full_reduce_new_level_error(base_checkpoint, tmp_path):
+    """Issue #4: with 24 labels of the new level, heads cut the held-out force MAE by at
+    least 70 % from the zero-shot model, and full goes further (defaults throughout)."""
     from ase_petft.config import FineTuneConfig
     from ase_petft.finetune import finetune
 
@@ -54,29 +39,30 @@ def test_two_level_heads_and_full_reduce_new_level_error(base_checkpoint, tmp_pa
     test = level_frames(12, seed=50, calc=ReparamEMT)
     zero = force_mae(base_checkpoint, test, "energy")
     found = {"zero-shot": zero}
-    for name, config in {
-        "heads": FineTuneConfig(method="heads", rotations=0),
-        "full": FineTuneConfig(method="full", num_epochs=40),
-    }.items():
+    for name, config in {"heads": FineTuneConfig(method="heads"),
+                         "full": FineTuneConfig(method="full")}.items():
         result = finetune(base_checkpoint, train, variant=NEW, config=config,
                           output_dir=tmp_path / name)
         found[name] = force_mae(result.checkpoint_path, test, NEW)
-    print("held-out force MAE (meV/A):", found,
+    print("held-out force MAE (meV/A):", {k: round(v, 1) for k, v in found.items()},
           {k: f"{1 - v / zero:.0%} drop" for k, v in found.items()})
-    assert found["heads"] < 0.85 * zero
-    assert found["full"] < zero
+    assert found["heads"] <= 0.30 * zero
+    assert found["full"] < found["heads"]
 
 
 def test_full_with_replay_keeps_old_level(base_checkpoint, tmp_path):
+    """``full`` with 48 replayed EMT frames keeps the EMT head within 10 % of its
+    held-out force error (with 24 it measured +38 %: the backbone overfits a small
+    replay set; see the README's fine-tuning section)."""
     from ase_petft.config import FineTuneConfig
     from ase_petft.finetune import finetune
 
     test_old = level_frames(12, seed=50)
     before = force_mae(base_checkpoint, test_old, "energy")
     result = finetune(base_checkpoint, level_frames(24, seed=3, calc=ReparamEMT),
-                      variant=NEW, config=FineTuneConfig(method="full", num_epochs=40),
+                      variant=NEW, config=FineTuneConfig(method="full"),
                       output_dir=tmp_path / "gen",
-                      replay={"energy": level_frames(24, seed=7)})
+                      replay={"energy": level_frames(48, seed=7)})
     after = force_mae(result.checkpoint_path, test_old, "energy")
     print(f"old level force MAE {before:.1f} -> {after:.1f} meV/A with replay")
     assert after < 1.10 * before

@@ -142,13 +142,15 @@ def _rows(model, variant: str, label: Label, params, config):
         blocks.append(w * j_f)
         targets.append(w * (label.forces.reshape(-1) - f0))
     if use_stress:
+        # metatrain's loss sees the strain gradient (stress × volume) per atom, so the
+        # stress rows are in those units too; in eV/Å³ they would weigh ~V²/n² less
         volume = abs(label.atoms.cell.volume)
         w = np.sqrt(config.stress_weight / 6)
-        j_s = jac[1].detach().double().numpy().reshape(len(g), 3, 3) / volume
-        s0 = e0[1].detach().double().numpy() / volume
+        j_s = jac[1].detach().double().numpy().reshape(len(g), 3, 3) / n
+        s0 = e0[1].detach().double().numpy() / n
         voigt = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
         blocks.append(w * j_s[:, voigt[0], voigt[1]].T)
-        targets.append(w * (label.stress - s0[voigt[0], voigt[1]]))
+        targets.append(w * (label.stress * volume / n - s0[voigt[0], voigt[1]]))
     return np.concatenate(blocks), np.concatenate(targets)
 
 
