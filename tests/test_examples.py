@@ -73,9 +73,10 @@ def test_md_with_refits(tmp_path, system_args):
 
 
 def test_active_learning_with_budget_and_report(tmp_path, system_args):
-    out = run_example("active_learning.py", "--quick", "--max-labels", "6", "--workdir",
-                      tmp_path / "run", "--report", tmp_path / "report", *system_args,
-                      cwd=tmp_path)
+    # max_gap 5 alone asks for 8 labels in the 40 quick steps: the budget must bind
+    out = run_example("active_learning.py", "--quick", "--max-labels", "6", "--max-gap", "5",
+                      "--workdir", tmp_path / "run", "--report", tmp_path / "report",
+                      *system_args, cwd=tmp_path)
     assert "budget 6 labels: 6" in out
     label_rows = [line for line in out.splitlines() if line.startswith("| ")
                   and line.split("|")[1].strip().isdigit()]

@@ -10,8 +10,9 @@ ridge strength (toward the current weights θ₀, i.e. the inherited head) is ch
 by evidence maximisation (MacKay) unless ``FineTuneConfig.ridge`` fixes it.
 
 Composition and scale are not touched here (see DESIGN.md §5). PET is not
-rotation-invariant by construction, so ``config.rotations`` randomly rotated copies
-of every structure are added.
+rotation-invariant by construction; ``config.rotations`` randomly rotated copies of
+every structure can be added (metatrain's SGD rotates every batch; here copies cost
+as much as the structures and did not help, see ``FineTuneConfig.rotations``).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def refit_heads(model, variant: str, labels: Sequence[Label], *, config) -> dict
             p += torch.as_tensor(delta[offset:offset + n], dtype=p.dtype).reshape(p.shape)
             offset += n
     info.update(n_parameters=int(A.shape[1]), n_rows=int(A.shape[0]), n_structures=len(frames))
-    logger.info("linear heads refit of %r: %d parameters, %d rows, ridge %.3g, "
-                "effective parameters %.1f", variant, info["n_parameters"], info["n_rows"],
-                info["ridge"], info["gamma"])
+    logger.info("linear heads refit of %r (closed form instead of metatrain's SGD, "
+                "%d rotated copies per structure): %d parameters, %d rows, ridge %.3g, "
+                "effective parameters %.1f", variant, config.rotations, info["n_parameters"],
+                info["n_rows"], info["ridge"], info["gamma"])
     return info
 
 
