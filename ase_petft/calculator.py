@@ -2,9 +2,12 @@
 
 The calculator keeps the live PET module and evaluates it through metatomic's own ASE
 calculator (same neighbour lists, same autograd path), so its predictions are those of
-``metatomic_ase.MetatomicCalculator`` on the same weights. Hot swaps copy new weights
-into that live module in place, under a lock, so a swap never lands in the middle of a
-force evaluation and ``atoms.calc`` stays the same object.
+``metatomic_ase.MetatomicCalculator`` on the same weights. The module is evaluated
+through a TorchScript copy that shares its parameters (what ``mtt export`` would save;
+less per-call overhead on small systems). Hot swaps copy new weights into the live
+module in place, under a lock, so a swap never lands in the middle of a force
+evaluation and ``atoms.calc`` stays the same object; only when the composition or
+scale maps change is the compiled copy rebuilt (about a second).
 
 Only load checkpoints you trust: metatrain checkpoints are Python pickles.
 """
@@ -161,7 +164,8 @@ class FineTunableCalculator(Calculator):
         import torch
 
         exported = _metatrain.prepare_for_inference(
-            self._model, dtype=self._dtype, device=torch.device(self._device_name)
+            self._model, dtype=self._dtype, device=torch.device(self._device_name),
+            script=True,
         )
         suffix = None if self._variant == "energy" else self._variant.split("/", 1)[1]
         return metatomic_ase.MetatomicCalculator(
@@ -185,7 +189,11 @@ class FineTunableCalculator(Calculator):
             Calculator.calculate(self, atoms, properties, system_changes)
             self._check_atoms(self.atoms, properties)
             inner = self._inner
-            inner.calculate(self.atoms, _with_gradients(properties, self.atoms), system_changes)
+            # the compiled copy runs unoptimised: as fast here, and no fused kernels
+            # whose rounding would differ from the eager module and between variants
+            with _unoptimised_torchscript():
+                inner.calculate(self.atoms, _with_gradients(properties, self.atoms),
+                                system_changes)
             results = dict(inner.results)
             results["free_energy"] = results["energy"]
             if "stress" in results and not self.atoms.pbc.all():
@@ -247,7 +255,9 @@ class FineTunableCalculator(Calculator):
             dropped = _metatrain.check_swap_compatible(
                 self._model, new, variant=self._variant
             )
-            _metatrain.swap_weights(self._model, new)
+            if _metatrain.swap_weights(self._model, new):
+                # composition/scale changed: the compiled copy holds its own maps
+                self._inner = self._build_inner()
             self._variants = [v for v in _metatrain.energy_variants(self._model)
                               if v not in dropped]
             self._checkpoint_path = pathlib.Path(path)
@@ -305,6 +315,12 @@ class FineTunableCalculator(Calculator):
             f"FineTunableCalculator({str(self._checkpoint_path)!r}, "
             f"variant={self._variant!r}, generation={self._generation})"
         )
+
+
+def _unoptimised_torchscript():
+    import torch
+
+    return torch.jit.optimized_execution(False)
 
 
 def _with_gradients(properties, atoms) -> List[str]:

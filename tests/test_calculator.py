@@ -243,6 +243,45 @@ def test_swap_model_in_place_drops_cache_and_counts(emt_checkpoint, cuni_atoms, 
     np.testing.assert_allclose(atoms.get_forces(), fresh.get_forces(), atol=1e-6)
 
 
+def test_swap_reaches_the_compiled_model_with_and_without_new_composition(
+        emt_checkpoint, cuni_atoms, tmp_path):
+    """Weights-only swaps are copied in place (the TorchScript copy shares them, no
+    rebuild); a new composition baseline, which the compiled copy holds on its own,
+    rebuilds it. Both must predict what a fresh calculator on the checkpoint does."""
+    import torch
+
+    calc = FineTunableCalculator(emt_checkpoint)
+    atoms = cuni_atoms.copy()
+    atoms.calc = calc
+    compiled = calc._inner
+    weights_only = perturbed_checkpoint(emt_checkpoint, tmp_path / "w.ckpt", seed=3)
+    model = _metatrain.load_model(emt_checkpoint)
+    composition = model.additive_models[0]
+    with torch.no_grad():
+        for block in composition.model.weights["energy"].blocks():
+            block.values.add_(0.25)  # +0.25 eV per atom of every element
+    composition.energy_composition_buffer = _serialised(composition.model.weights["energy"])
+    shifted = _metatrain.save_checkpoint(model, tmp_path / "c.ckpt")
+    for path, rebuilt in ((weights_only, False), (shifted, True), (emt_checkpoint, True)):
+        calc.swap_model(path)
+        assert (calc._inner is not compiled) == rebuilt, path.name
+        compiled = calc._inner
+        fresh = cuni_atoms.copy()
+        fresh.calc = FineTunableCalculator(path)
+        assert atoms.get_potential_energy() == pytest.approx(fresh.get_potential_energy(),
+                                                             rel=1e-7, abs=1e-6)
+        np.testing.assert_allclose(atoms.get_forces(), fresh.get_forces(), atol=1e-6)
+    shift = fresh.get_potential_energy()
+    fresh.calc = FineTunableCalculator(shifted)
+    assert fresh.get_potential_energy() - shift == pytest.approx(0.25 * len(fresh), abs=1e-4)
+
+
+def _serialised(tensor_map):
+    import metatensor.torch as mts
+
+    return mts.save_buffer(tensor_map)
+
+
 def test_swap_with_incompatible_checkpoint_keeps_old_model(emt_checkpoint, cuni_atoms, tmp_path):
     calc = FineTunableCalculator(emt_checkpoint, variant="energy/pbe0")
     atoms = cuni_atoms.copy()

@@ -233,12 +233,21 @@ def copy_variant_weights(model, *, source: str, dest: str) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def prepare_for_inference(model, *, dtype: torch.dtype, device: torch.device):
-    """Export ``model`` (same module, eval mode) as a metatomic AtomisticModel."""
+def prepare_for_inference(model, *, dtype: torch.dtype, device: torch.device,
+                          script: bool = False):
+    """Export ``model`` (same module, eval mode) as a metatomic AtomisticModel.
+
+    With ``script=True`` the export is compiled by TorchScript (what ``mtt export``
+    saves): ~1.5x less per-call overhead on small systems. The compiled copy shares
+    ``model``'s parameters and buffers, so in-place weight copies reach it, but it holds
+    its own copies of the composition and scale ``TensorMap`` objects: rebuild it when
+    :func:`swap_weights` reports that those changed.
+    """
     model.to(device=device, dtype=dtype)
     with preserved_global_state(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return model.export()
+        exported = model.export()
+        return torch.jit.script(exported) if script else exported
 
 
 def check_swap_compatible(live, new, *, variant: str) -> List[str]:
@@ -267,10 +276,19 @@ def check_swap_compatible(live, new, *, variant: str) -> List[str]:
     return [v for v in energy_variants(live) if v not in energy_variants(new)]
 
 
-def swap_weights(live, new) -> None:
-    """Copy every tensor of ``new`` into the matching tensor of ``live``, in place."""
+def swap_weights(live, new) -> bool:
+    """Copy every tensor of ``new`` into the matching tensor of ``live``, in place.
+
+    Returns whether the composition or scale maps changed (a TorchScript copy of
+    ``live`` then holds stale ones and must be rebuilt; its parameters are shared)."""
     target = live.state_dict(keep_vars=True)
     source = new.state_dict()
+    maps_changed = any(
+        name in source and (source[name].shape != tensor.shape
+                            or not torch.equal(source[name].to(tensor.device), tensor))
+        for name, tensor in target.items()
+        if name.startswith(("additive_models.", "scaler."))
+    )
     with torch.no_grad():
         for name, tensor in target.items():
             if name not in source:
@@ -282,6 +300,7 @@ def swap_weights(live, new) -> None:
                 tensor.copy_(value)
     live.additive_models[0].sync_tensor_maps()
     live.scaler.sync_tensor_maps()
+    return maps_changed
 
 
 def _replace_buffer(model, name: str, value: torch.Tensor) -> None:
