@@ -17,10 +17,8 @@ for the replay run), and the speed-up of each run against the mtt subprocess.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,49 +26,19 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "scripts"))
+
+import train_emt_base  # noqa: E402  (scripts/: the base model, mtt runs, error metrics)
+from train_emt_base import errors, run_mtt, targets  # noqa: E402
 
 NEW = "energy/reparam"
 DESCRIPTION = "re-parameterised EMT (benchmark level)"
-BASE_HYPERS = {"cutoff": 4.0, "d_pet": 32, "d_head": 32, "d_node": 64, "d_feedforward": 64,
-               "num_heads": 2, "num_attention_layers": 1, "num_gnn_layers": 2}
-
-
-def run_mtt(workdir: pathlib.Path, options: dict) -> float:
-    (workdir / "options.yaml").write_text(json.dumps(options, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "metatrain", "train", "options.yaml",
-                           "-o", "model.pt"], cwd=workdir, env=env, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
-    return time.perf_counter() - start
-
-
-def targets(name: str, description: str) -> dict:
-    return {name: {"key": "energy", "unit": "eV", "description": description,
-                   "forces": {"key": "forces"}, "stress": {"key": "stress"}}}
 
 
 def train_base(workdir: pathlib.Path, epochs: int) -> pathlib.Path:
-    import ase.io
-    from test_finetune import level_frames
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    ase.io.write(workdir / "train.xyz", level_frames(48, seed=1), format="extxyz")
-    options = {
-        "seed": 0,
-        "architecture": {"name": "pet", "model": BASE_HYPERS, "training": {
-            "batch_size": 8, "num_epochs": epochs, "num_workers": 0,
-            "learning_rate": 6e-3, "warmup_fraction": 0.05}},
-        "training_set": {"systems": {"read_from": "train.xyz", "length_unit": "angstrom"},
-                         "targets": targets("energy", "EMT total energy (ase.calculators.emt)")},
-        "validation_set": 0.1, "test_set": 0.0,
-    }
-    print(f"training the base model ({epochs} epochs) ...", flush=True)
-    wall = run_mtt(workdir, options)
-    print(f"base model trained in {wall:.0f} s", flush=True)
-    return workdir / "model.ckpt"
+    print(f"training a base model ({epochs} epochs) ...", flush=True)
+    frames = train_emt_base.training_frames(320, train_emt_base.SEED)
+    return train_emt_base.train(workdir, frames, epochs)
 
 
 def mtt_heads(workdir: pathlib.Path, base, train, val, cfg) -> float:
@@ -97,23 +65,13 @@ def mtt_heads(workdir: pathlib.Path, base, train, val, cfg) -> float:
     return run_mtt(workdir, options)
 
 
-def errors(checkpoint, frames, variant) -> dict:
-    from ase_petft import _metatrain
-    from ase_petft._metatrain.engine import error_metrics
-    from ase_petft._metatrain.labels import labels_from_frames
-    from ase_petft._metatrain.training import predict
-
-    labels = labels_from_frames(frames)
-    return error_metrics(labels, predict(_metatrain.load_model(checkpoint), frames, variant))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=str(HERE.parent / "tests" / "data" / "emt-pet-base.ckpt"),
                         help="base PET checkpoint (default: the tests' EMT base)")
     parser.add_argument("--train-base", action="store_true",
-                        help="train a quick base with mtt train instead (--base-epochs)")
-    parser.add_argument("--base-epochs", type=int, default=40)
+                        help="train a base with scripts/train_emt_base.py instead (--base-epochs)")
+    parser.add_argument("--base-epochs", type=int, default=60)
     parser.add_argument("--replay", type=int, default=48, help="replayed EMT frames")
     parser.add_argument("--labels", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=60)

@@ -49,47 +49,63 @@ def training_frames(n: int, seed: int):
     return frames[:n]
 
 
+def targets(name: str, description: str) -> dict:
+    """metatrain ``targets`` entry for an energy with forces and stress in extxyz."""
+    return {name: {"key": "energy", "unit": "eV", "description": description,
+                   "forces": {"key": "forces"}, "stress": {"key": "stress"}}}
+
+
+def run_mtt(work: pathlib.Path, options: dict) -> float:
+    """``mtt train`` on ``options`` in ``work``; returns the wall time in seconds."""
+    (work / "options.yaml").write_text(json.dumps(options, indent=1))  # JSON is YAML
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "metatrain", "train", "options.yaml",
+                           "-o", "model.pt"], cwd=work, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"mtt train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
 def train(work: pathlib.Path, frames, epochs: int) -> pathlib.Path:
     import ase.io
 
+    work.mkdir(parents=True, exist_ok=True)
     ase.io.write(work / "train.xyz", frames, format="extxyz")
-    target = {"energy": {"key": "energy", "unit": "eV", "forces": {"key": "forces"},
-                         "stress": {"key": "stress"},
-                         "description": "EMT total energy (ase.calculators.emt)"}}
     options = {
         "seed": 0,
         "architecture": {"name": "pet", "model": HYPERS, "training": {
             "batch_size": 8, "num_epochs": epochs, "num_workers": 0, "learning_rate": 3e-3,
             "warmup_fraction": 0.02, "best_model_metric": "loss"}},
         "training_set": {"systems": {"read_from": "train.xyz", "length_unit": "angstrom"},
-                         "targets": target},
+                         "targets": targets("energy", "EMT total energy (ase.calculators.emt)")},
         "validation_set": 0.1, "test_set": 0.0,
     }
-    (work / "options.yaml").write_text(json.dumps(options, indent=1))  # JSON is YAML
-    proc = subprocess.run([sys.executable, "-m", "metatrain", "train", "options.yaml",
-                           "-o", "model.pt"], cwd=work, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
-    if proc.returncode != 0:
-        raise SystemExit(f"mtt train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    run_mtt(work, options)
     return work / "model.ckpt"
 
 
-def held_out_errors(checkpoint: pathlib.Path) -> dict:
-    import numpy as np
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import emt_frames
+def errors(checkpoint, frames, variant: str) -> dict:
+    """Energy/force/stress errors of ``variant`` of ``checkpoint`` on labelled frames."""
+    sys.path.insert(0, str(REPO))
     from ase_petft import _metatrain
     from ase_petft._metatrain.engine import error_metrics
     from ase_petft._metatrain.labels import labels_from_frames
     from ase_petft._metatrain.training import predict
 
+    return error_metrics(labels_from_frames(frames),
+                         predict(_metatrain.load_model(checkpoint), frames, variant))
+
+
+def held_out_errors(checkpoint: pathlib.Path) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import emt_frames
+
     out = {}
     for rattle in (0.05, 0.08):
-        frames = emt_frames(12, seed=50, rattle=rattle)
-        metrics = error_metrics(labels_from_frames(frames),
-                                predict(_metatrain.load_model(checkpoint), frames, "energy"))
-        out[f"rattle {rattle}"] = {k: float(np.round(v, 2)) for k, v in metrics.items()}
+        metrics = errors(checkpoint, emt_frames(12, seed=50, rattle=rattle), "energy")
+        out[f"rattle {rattle}"] = {k: round(float(v), 2) for k, v in metrics.items()}
     return out
 
 
