@@ -12,13 +12,18 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     CheckpointError,
+    ConfigError,
     FineTuneError,
+    InputError,
     LabelBufferError,
     LabellingError,
     ModelSwapError,
     PetftError,
+    TrainingDataError,
     UnsupportedSystemError,
+    UsageError,
     VariantError,
+    WorkFailedError,
 )
 
 # Heavy modules (torch, metatrain) are imported on first use of their names.
@@ -32,22 +37,27 @@ _LAZY = {
     "FineTuneConfig": "config",
     "FineTuneResult": "config",
     "OnTheFlyLearner": "learner",
-    "every": "selection",
-    "max_gap": "selection",
-    "min_gap": "selection",
-    "uncertainty_above": "selection",
+    "every": "learner",
+    "max_gap": "learner",
+    "min_gap": "learner",
+    "uncertainty_above": "learner",
 }
 
 __all__ = [
     "__version__",
     "PetftError",
+    "InputError",
+    "ConfigError",
     "CheckpointError",
     "VariantError",
-    "ModelSwapError",
     "UnsupportedSystemError",
     "LabelBufferError",
-    "LabellingError",
+    "TrainingDataError",
+    "UsageError",
+    "WorkFailedError",
     "FineTuneError",
+    "LabellingError",
+    "ModelSwapError",
     *_LAZY,
 ]
 

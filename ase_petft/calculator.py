@@ -28,9 +28,11 @@ from ase.calculators.calculator import (
 )
 
 from . import _metatrain
-from .errors import CheckpointError, ModelSwapError, UnsupportedSystemError, VariantError
+from .errors import CheckpointError, ConfigError, ModelSwapError, UnsupportedSystemError
+from .labels import check_elements
 from .uncertainty import EnergyUncertainty
-from .variants import closest_variant, is_one_typo_away, validate_variant
+from .variants import (is_one_typo_away, new_variant_description, require_variant,
+                       validate_variant)
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +43,6 @@ _DTYPES = {"float32": "float32", "float64": "float64"}
 
 class StressUnavailableError(UnsupportedSystemError, PropertyNotImplementedError):
     """Stress was requested for a cell that is not periodic in all directions."""
-
-
-def new_variant_description(variant: str, inherit_from: str) -> str:
-    """The description of a variant ase_petft creates (kept identical across rounds)."""
-    return f"{variant} (ase_petft variant, initialised from {inherit_from})"
 
 
 class FineTunableCalculator(Calculator):
@@ -60,6 +57,8 @@ class FineTunableCalculator(Calculator):
         checkpoint's own dtype.
     :param workdir: where :meth:`finetune` writes its generation directories
         (``gen-0001``, ...); default: a new temporary directory per fine-tune.
+    :param uncertainty: ``"posterior"`` (Bayesian last-layer posterior, the default) or
+        ``"llpr"`` (metatrain's LLPR): how :meth:`get_energy_uncertainty` estimates σ.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -75,6 +74,7 @@ class FineTunableCalculator(Calculator):
         device: Optional[str] = None,
         dtype: Any = None,
         workdir: Optional[os.PathLike | str] = None,
+        uncertainty: str = "posterior",
     ) -> None:
         super().__init__()
         self._variant = validate_variant(variant)
@@ -83,7 +83,7 @@ class FineTunableCalculator(Calculator):
         self._workdir = None if workdir is None else pathlib.Path(workdir)
         self._generation = 0
         self._lock = threading.RLock()
-        self._device_name = str(device) if device is not None else "cpu"
+        self._device_name = _resolve_device(device)
 
         self._model = _metatrain.load_model(self._checkpoint_path)
         self._dtype = _resolve_dtype(dtype, self._model)
@@ -91,7 +91,7 @@ class FineTunableCalculator(Calculator):
         self._variants = _metatrain.energy_variants(self._model)
         self._atomic_types = set(_metatrain.atomic_types(self._model))
         self._inner = self._build_inner()
-        self._uncertainty = EnergyUncertainty(self)
+        self._uncertainty = EnergyUncertainty(self, method=uncertainty)
         self.parameters = self.todict()
 
     # ------------------------------------------------------------------ properties
@@ -133,18 +133,10 @@ class FineTunableCalculator(Calculator):
         if self._variant in available:
             return False
         if self._inherit_from is None:
-            close = closest_variant(self._variant, available)
-            hint = f"; did you mean {close!r}?" if close else ""
-            raise VariantError(
-                f"unknown variant {self._variant!r}; this model has {available}{hint} "
-                "Pass inherit_from='energy' (or another variant) to create it as a new "
-                "head"
-            )
-        if self._inherit_from not in available:
-            raise VariantError(
-                f"cannot create variant {self._variant!r} from {self._inherit_from!r}: "
-                f"the model has no {self._inherit_from!r} head (available: {available})"
-            )
+            require_variant(self._variant, available, fix=(
+                "Pass inherit_from='energy' (or another variant) to create it as a new head"))
+        require_variant(self._inherit_from, available, fix=(
+            f"(inherit_from must name an existing head to create {self._variant!r})"))
         for name in available:
             if is_one_typo_away(self._variant, name):
                 logger.warning(
@@ -201,16 +193,9 @@ class FineTunableCalculator(Calculator):
             self.results = results
 
     def _check_atoms(self, atoms, properties) -> None:
-        unknown = sorted(set(int(z) for z in atoms.numbers) - self._atomic_types)
-        if unknown:
-            from ase.data import chemical_symbols
-
-            names = [chemical_symbols[z] for z in unknown]
-            known = [chemical_symbols[z] for z in sorted(self._atomic_types)]
-            raise UnsupportedSystemError(
-                f"the model does not know element(s) {names}; it was trained on "
-                f"{known}. Use a checkpoint that covers these elements"
-            )
+        check_elements(atoms, self._atomic_types, what="the structure",
+                       fix="use a checkpoint that covers these elements",
+                       error=UnsupportedSystemError)
         if "stress" in properties and not atoms.pbc.all():
             raise StressUnavailableError(
                 f"stress needs a cell periodic in all directions, got pbc="
@@ -233,7 +218,7 @@ class FineTunableCalculator(Calculator):
             return {"variant": str(getattr(self, "_variant", "?"))}
 
     # ------------------------------------------------------------------ hot swap
-    def swap_model(self, checkpoint: os.PathLike | str, *,
+    def swap_model(self, checkpoint: os.PathLike | str, *, model=None,
                    generation: Optional[int] = None) -> int:
         """Replace the weights in place from a checkpoint of the same architecture.
 
@@ -241,16 +226,21 @@ class FineTunableCalculator(Calculator):
         :attr:`generation` increases by one (or becomes ``generation`` when given,
         e.g. when a learner resumes or rolls back). Returns the new generation. On any
         mismatch a :class:`ModelSwapError` is raised and the old model keeps working.
+
+        :param checkpoint: the metatrain checkpoint of the new weights (recorded as
+            :attr:`checkpoint_path`; read unless ``model`` is given).
+        :param model: the PET module ``checkpoint`` was written from, when the caller
+            has it in memory (an in-process refit): its weights are copied directly.
         """
         path = pathlib.Path(checkpoint).resolve()
-        try:
-            new = _metatrain.load_model(path)
-        except CheckpointError as exc:
-            raise ModelSwapError(f"cannot swap in {str(path)!r}: {exc}") from exc
-        return self._swap_from_model(new, path, generation=generation)
+        if model is None:
+            try:
+                model = _metatrain.load_model(path)
+            except CheckpointError as exc:
+                raise ModelSwapError(f"cannot swap in {str(path)!r}: {exc}") from exc
+        return self._swap_weights(model, path, generation)
 
-    def _swap_from_model(self, new, path: pathlib.Path, *,
-                         generation: Optional[int] = None) -> int:
+    def _swap_weights(self, new, path: pathlib.Path, generation: Optional[int]) -> int:
         with self._lock:
             dropped = _metatrain.check_swap_compatible(
                 self._model, new, variant=self._variant
@@ -290,8 +280,25 @@ class FineTunableCalculator(Calculator):
         """Where :meth:`finetune` writes its generation directories (None: temporary)."""
         return self._workdir
 
+    @property
+    def uncertainty_fitted(self) -> bool:
+        """Whether :meth:`get_energy_uncertainty` can answer (fitted on labels)."""
+        return self._uncertainty.fitted
+
+    def set(self, **kwargs):
+        """ASE's ``Calculator.set``: every setting of this calculator is fixed at
+        construction (checkpoint, variant, device, dtype), so any change is refused
+        instead of being silently ignored; build a new calculator instead."""
+        if kwargs:
+            raise ConfigError(
+                f"FineTunableCalculator cannot change {sorted(kwargs)} after construction; "
+                "create a new FineTunableCalculator(checkpoint, variant=..., device=..., "
+                "dtype=...) instead (weights change through swap_model/finetune)"
+            )
+        return {}
+
     def fit_uncertainty(self, frames, calibration=None) -> None:
-        """Fit the LLPR energy uncertainty on labelled ``frames`` of this variant,
+        """Fit the energy uncertainty on labelled ``frames`` of this variant,
         calibrated on held-out ``calibration`` labels (see :mod:`ase_petft.uncertainty`)."""
         self._uncertainty.fit(frames, calibration)
 
@@ -341,7 +348,27 @@ def _resolve_dtype(dtype: Any, model):
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return getattr(torch, dtype)
-    raise CheckpointError(
+    raise ConfigError(
         f"unsupported dtype {dtype!r}; use 'float32' or 'float64' (or None for the "
         "checkpoint's own dtype)"
     )
+
+
+def _resolve_device(device: Any) -> str:
+    """``device`` as a torch device string; ConfigError for one this machine lacks."""
+    import torch
+
+    if device is None:
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} was requested but this torch has no CUDA device "
+            f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch"
+        )
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return str(parsed)

@@ -19,7 +19,7 @@ import pathlib
 import types
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .errors import FineTuneError
+from .errors import ConfigError
 from .variants import validate_variant
 
 __all__ = ["FineTuneConfig", "FineTuneResult", "METHODS", "SOLVERS"]
@@ -84,6 +84,9 @@ class FineTuneConfig:
         this is usually worse with few labels).
     :param ridge: relative ridge strength of the ``linear`` solver (toward the
         current last-layer weights); ``None`` chooses it by evidence maximisation.
+    :param keep_parent_unless_better: ``linear`` solver: keep the current head when no
+        setting's leave-one-structure-out error beats the head's own error on the same
+        labels (default). ``False`` always applies the best setting found.
     :param rotations: extra randomly rotated copies per structure used by the
         ``linear`` solver (PET is not rotation-invariant by construction; metatrain's
         SGD rotates every batch). Default 0: each copy costs as much as the structure
@@ -119,6 +122,7 @@ class FineTuneConfig:
     inherit_from: Optional[str] = "energy"
     new_variant_baseline: str = "residual"
     ridge: Optional[float] = None
+    keep_parent_unless_better: bool = True
     rotations: int = 0
     min_frames: int = 2
     divergence_factor: float = 10.0
@@ -130,7 +134,7 @@ class FineTuneConfig:
         _choice("solver", self.solver, SOLVERS)
         _choice("new_variant_baseline", self.new_variant_baseline, BASELINES)
         if self.solver == "linear" and self.method != "heads":
-            raise FineTuneError(
+            raise ConfigError(
                 f"solver='linear' only solves method='heads', got method="
                 f"{self.method!r}; use solver='sgd' (or 'auto') for full/lora"
             )
@@ -143,7 +147,7 @@ class FineTuneConfig:
         for name in ("energy_weight", "forces_weight", "stress_weight"):
             _non_negative_float(name, getattr(self, name))
         if self.energy_weight == self.forces_weight == self.stress_weight == 0:
-            raise FineTuneError("energy_weight, forces_weight and stress_weight are all "
+            raise ConfigError("energy_weight, forces_weight and stress_weight are all "
                                 "0: nothing would be trained; set at least one > 0")
         if self.ridge is not None:
             _positive_float("ridge", self.ridge)
@@ -155,9 +159,10 @@ class FineTuneConfig:
         if self.description is not None and not (
             isinstance(self.description, str) and self.description.strip()
         ):
-            raise FineTuneError(f"description must be a non-empty string or None, got "
+            raise ConfigError(f"description must be a non-empty string or None, got "
                                 f"{self.description!r}")
         object.__setattr__(self, "trainer_overrides", _overrides(self.trainer_overrides))
+        _refuse_ignored(self)
 
     @property
     def effective_solver(self) -> str:
@@ -230,9 +235,39 @@ class FineTuneResult:
 
 
 # ---------------------------------------------------------------------- validation
+# settings each solver/method uses; any other setting changed from its default has no
+# effect and is refused (a silently ignored `num_epochs=200` cost users hours)
+_SGD_ONLY = ("num_epochs", "learning_rate", "batch_size", "trainer_overrides")
+_LINEAR_ONLY = ("ridge", "rotations", "keep_parent_unless_better")
+_IGNORED = {
+    ("heads", "linear"): _SGD_ONLY + ("head_modules", "last_layer_modules", "lora_rank",
+                                      "lora_alpha", "lora_target_modules"),
+    ("heads", "sgd"): _LINEAR_ONLY + ("lora_rank", "lora_alpha", "lora_target_modules"),
+    ("full", "sgd"): _LINEAR_ONLY + ("head_modules", "last_layer_modules",
+                                     "lora_rank", "lora_alpha", "lora_target_modules"),
+    ("lora", "sgd"): _LINEAR_ONLY + ("head_modules", "last_layer_modules"),
+}
+
+
+def _refuse_ignored(config: "FineTuneConfig") -> None:
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(config)}
+    key = (config.method, config.effective_solver)
+    changed = [name for name in _IGNORED[key] if getattr(config, name) != defaults[name]]
+    if changed:
+        raise ConfigError(
+            f"{', '.join(f'{n}={getattr(config, n)!r}' for n in changed)} has no effect with "
+            f"method={config.method!r}, solver={config.effective_solver!r}; leave "
+            f"{'it' if len(changed) == 1 else 'them'} at the default, or choose a method/"
+            "solver that uses it (epochs, learning rate, batch size and trainer overrides "
+            "need solver='sgd'; ridge and rotations need the linear heads solver; LoRA "
+            "settings need method='lora')"
+        )
+
+
 def _choice(name: str, value: Any, valid: Tuple[str, ...]) -> None:
     if value not in valid:
-        raise FineTuneError(f"{name}={value!r} is not valid; expected one of {list(valid)}")
+        raise ConfigError(f"{name}={value!r} is not valid; expected one of {list(valid)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -241,12 +276,12 @@ def _is_int(value: Any) -> bool:
 
 def _positive_int(name: str, value: Any) -> None:
     if not _is_int(value) or value < 1:
-        raise FineTuneError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _non_negative_int(name: str, value: Any) -> None:
     if not _is_int(value) or value < 0:
-        raise FineTuneError(f"{name} must be an integer >= 0, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def _real(value: Any) -> bool:
@@ -255,17 +290,17 @@ def _real(value: Any) -> bool:
 
 def _positive_float(name: str, value: Any) -> None:
     if not _real(value) or value <= 0:
-        raise FineTuneError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _non_negative_float(name: str, value: Any) -> None:
     if not _real(value) or value < 0:
-        raise FineTuneError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _fraction(value: Any) -> None:
     if not _real(value) or not 0 <= value < 1:
-        raise FineTuneError(
+        raise ConfigError(
             f"validation_fraction must be in [0, 1), got {value!r} (for example 0.2 "
             "holds out one label in five; 0 trains on all labels)"
         )
@@ -273,26 +308,32 @@ def _fraction(value: Any) -> None:
 
 def _names(name: str, value: Any) -> Tuple[str, ...]:
     if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise FineTuneError(
+        raise ConfigError(
             f"{name} must be a sequence of non-empty module names, got {value!r} "
             f"(for example {list(DEFAULT_HEAD_MODULES)!r})"
         )
     if not value:
-        raise FineTuneError(f"{name} must not be empty")
+        raise ConfigError(f"{name} must not be empty")
     return tuple(value)
 
 
 def _overrides(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise FineTuneError(
+        raise ConfigError(
             f"trainer_overrides must be a mapping of metatrain PET trainer hypers, got "
             f"{type(value).__name__}"
         )
     for key in value:
         if key in _RESERVED_OVERRIDES:
-            raise FineTuneError(
+            raise ConfigError(
                 f"trainer_overrides[{key!r}] is controlled by FineTuneConfig; set "
                 f"{_RESERVED_OVERRIDES[key]} instead"
             )
-    copied = json.loads(json.dumps(dict(value)))  # deep copy; rejects non-JSON values
+    try:
+        copied = json.loads(json.dumps(dict(value)))  # deep copy; rejects non-JSON values
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"trainer_overrides must hold plain JSON values (numbers, strings, lists, "
+            f"dicts), got {dict(value)!r}: {exc}"
+        ) from exc
     return types.MappingProxyType(copied)

@@ -21,11 +21,12 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .errors import PetftError
+from .errors import ConfigError, InputError, WorkFailedError
+from .metrics import calculator_errors, errors_against
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoSettings", "DemoReport", "run_demo", "demo_molecule", "prediction_errors"]
+__all__ = ["DemoSettings", "DemoReport", "run_demo", "demo_molecule"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,10 +52,10 @@ class DemoSettings:
                      "n_holdout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PetftError(f"demo setting {name} must be a positive integer, "
+                raise ConfigError(f"demo setting {name} must be a positive integer, "
                                  f"got {value!r}")
         if self.checkpoints > self.steps:
-            raise PetftError("demo: more error checkpoints than MD steps")
+            raise ConfigError("demo: more error checkpoints than MD steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _xtb(method: str):
     try:
         from tblite.ase import TBLite
     except ImportError as exc:
-        raise PetftError(
+        raise InputError(
             "the demo needs tblite (GFN-xTB): pip install 'ase-petft[demo]'"
         ) from exc
     return TBLite(method=method, verbosity=0)
@@ -138,32 +139,6 @@ def _start(atoms, settings: DemoSettings, seed: int):
     return atoms
 
 
-def _label_errors(frames, references) -> Dict[str, float]:
-    """Errors of labelled ``frames`` (their own results) against ``references``."""
-    e_err = [(a.get_potential_energy() - b.get_potential_energy()) / len(a)
-             for a, b in zip(frames, references)]
-    f_err = [np.abs(a.get_forces() - b.get_forces()).ravel()
-             for a, b in zip(frames, references)]
-    return {
-        "energy_mae_meV_per_atom": 1e3 * float(np.mean(np.abs(e_err))),
-        "forces_mae_meV_per_A": 1e3 * float(np.mean(np.concatenate(f_err))),
-    }
-
-
-def prediction_errors(frames, calc) -> Dict[str, float]:
-    """Energy (meV/atom) and force (meV/Å) MAE of ``calc`` against labelled frames."""
-    e_err, f_err = [], []
-    for ref in frames:
-        probe = ref.copy()
-        probe.calc = calc
-        e_err.append((probe.get_potential_energy() - ref.get_potential_energy()) / len(ref))
-        f_err.append(np.abs(probe.get_forces() - ref.get_forces()).ravel())
-    return {
-        "energy_mae_meV_per_atom": 1e3 * float(np.mean(np.abs(e_err))),
-        "forces_mae_meV_per_A": 1e3 * float(np.mean(np.concatenate(f_err))),
-    }
-
-
 def run_demo(
     settings: DemoSettings = DemoSettings(),
     *,
@@ -185,12 +160,12 @@ def run_demo(
     name = demo_molecule()
     holdout, holdout_gfn1 = _holdout_frames(name, settings, gfn2, gfn1)
     if not holdout:
-        raise PetftError("no held-out frame could be labelled with GFN2-xTB")
+        raise WorkFailedError("no held-out frame could be labelled with GFN2-xTB")
     baselines = [
         {"model": "GFN1-xTB itself (the level-of-theory gap)",
-         **_label_errors(holdout_gfn1, holdout)},
+         **errors_against(holdout_gfn1, holdout)},
         {"model": "zero-shot 'energy/gfn2' (= pretrained GFN1 head)",
-         **prediction_errors(holdout, FineTunableCalculator(demo_checkpoint()))},
+         **calculator_errors(holdout, FineTunableCalculator(demo_checkpoint()))},
     ]
     atoms = _start(molecule(name), settings, settings.seed)
     calc = FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2")
@@ -205,7 +180,7 @@ def run_demo(
             background=settings.background, holdout_fraction=0.2,
         )
         dyn = _langevin(atoms, settings, settings.seed)
-        dyn.attach(learner, interval=1)
+        learner.attach(dyn)  # records dyn.nsteps; the watchdog can restore the atoms
         if progress is not None:
             dyn.attach(lambda: progress(1), interval=1)
         rows, md_time = _run_with_checkpoints(dyn, calc, learner, holdout, settings)
@@ -236,66 +211,7 @@ def _run_with_checkpoints(dyn, calc, learner, holdout, settings: DemoSettings):
             "time_ps": dyn.nsteps * settings.timestep_fs / 1000.0,
             "oracle_calls": learner.reference_calls,
             "generation": calc.generation,
-            **prediction_errors(holdout, calc),
+            **calculator_errors(holdout, calc),
         })
     return rows, md_time
 
-
-# ---------------------------------------------------------------------- command line
-def add_arguments(parser) -> None:
-    """Options of ``petft demo``."""
-    defaults = DemoSettings()
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="MD steps")
-    parser.add_argument("--threshold", type=float, default=defaults.threshold_eV_per_atom,
-                        help="label when the energy uncertainty exceeds this (eV/atom)")
-    parser.add_argument("--min-gap", type=int, default=defaults.min_gap,
-                        help="never label two structures closer than this many steps")
-    parser.add_argument("--max-gap", type=int, default=defaults.max_gap,
-                        help="label at least every this many steps")
-    parser.add_argument("--max-labels", type=int, default=defaults.max_labels,
-                        help="budget of GFN2-xTB calls")
-    parser.add_argument("--refit-every", type=int, default=defaults.refit_every)
-    parser.add_argument("--method", choices=["heads", "full", "lora"], default="heads")
-    parser.add_argument("--inline", action="store_true",
-                        help="refit inline instead of in a background thread")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None,
-                        help="where the buffer and generations go (default: a new temp dir)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def settings_from_args(args) -> DemoSettings:
-    return DemoSettings(
-        steps=args.steps, threshold_eV_per_atom=args.threshold, min_gap=args.min_gap,
-        max_gap=args.max_gap,
-        max_labels=args.max_labels, refit_every=args.refit_every, method=args.method,
-        background=not args.inline, seed=args.seed,
-        checkpoints=min(DemoSettings().checkpoints, args.steps),
-    )
-
-
-def format_report(report: DemoReport, settings: DemoSettings) -> str:
-    lines = [
-        f"Molecule {report.molecule} ({report.n_atoms} atoms, not in the demo model's "
-        f"training set), Langevin {settings.temperature_K:.0f} K, "
-        f"{settings.timestep_fs} fs steps, MD {report.md_ms_per_step:.1f} ms/step.",
-        f"GFN2-xTB oracle calls: {report.oracle_calls} (labels in buffer: "
-        f"{report.n_labels}); generation {report.generation}; refits "
-        + ", ".join(f"{t:.1f}" for t in report.refit_times_s) + " s.",
-        "",
-        "Errors against GFN2-xTB on held-out frames (independent MD):",
-        "",
-        f"  {'reference point':<48}  E MAE meV/atom  F MAE meV/Å",
-    ]
-    for row in report.baselines:
-        lines.append(f"  {row['model']:<48}  {row['energy_mae_meV_per_atom']:14.1f}"
-                     f"  {row['forces_mae_meV_per_A']:11.1f}")
-    lines += ["", f"  {'time ps':>7}  {'oracle calls':>12}  {'generation':>10}"
-                  f"  E MAE meV/atom  F MAE meV/Å"]
-    for row in report.rows:
-        lines.append(f"  {row['time_ps']:7.3f}  {row['oracle_calls']:12d}"
-                     f"  {row['generation']:10d}  {row['energy_mae_meV_per_atom']:14.1f}"
-                     f"  {row['forces_mae_meV_per_A']:11.1f}")
-    lines += ["", f"Total {report.wall_time_s:.0f} s; buffer and generations in "
-                  f"{report.workdir}"]
-    return "\n".join(lines)

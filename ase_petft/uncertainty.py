@@ -1,28 +1,51 @@
-"""Energy uncertainty of a FineTunableCalculator's variant, from metatrain's LLPR.
+"""Energy uncertainty of a FineTunableCalculator's variant (σ of the energy per atom).
 
-LLPR (last-layer prediction rigidity) needs the last-layer features of the labelled
-structures (covariance) and a few held-out labels (calibration). The estimate refers to
-the weights it was fitted on: after a hot swap it is refitted automatically, on the
-same frames, the next time it is asked for.
+Two estimators, both on PET's last-layer features φ(x) = ∂E/∂θ (the energy is exactly
+linear in the last-layer weights θ, which is what the closed-form heads refit solves):
+
+- ``"posterior"`` (default): the predictive standard deviation of Bayesian linear
+  regression on those features — the posterior of the heads refit itself —,
+  σ²(x) = s² φ̂(x)ᵀ (Φ̂ᵀΦ̂ + λI)⁻¹ φ̂(x) with per-atom features φ̂ = φ/N of the labelled
+  structures, λ = ``PRIOR`` × the mean eigenvalue of Φ̂ᵀΦ̂, and s² calibrated (maximum
+  likelihood) on held-out labels: σ is in eV/atom and means "expected |error|" on data
+  like the held-out labels. A new label costs one forward and one backward pass.
+- ``"llpr"``: metatrain's LLPR (last-layer prediction rigidity), calibrated the same way
+  by metatrain.
+
+The estimate refers to the weights it was fitted on: after a hot swap it is refitted
+automatically, on the same frames, the next time it is asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from typing import Optional, Sequence
+import threading
+from typing import Dict, Optional, Sequence
 
-from .errors import PetftError
+import numpy as np
+
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EnergyUncertainty"]
+__all__ = ["EnergyUncertainty", "METHODS"]
+
+METHODS = ("posterior", "llpr")
+PRIOR = 1e-6  # λ relative to the mean eigenvalue (the linear refit's LOSO choice on well-determined data)
 
 
 class EnergyUncertainty:
     """σ of the energy per atom (eV/atom) predicted by ``calc``'s current weights."""
 
-    def __init__(self, calc) -> None:
+    def __init__(self, calc, method: str = "posterior") -> None:
+        if method not in METHODS:
+            raise ConfigError(f"uncertainty method must be one of {list(METHODS)}, got {method!r}")
+        self.method = method
         self._calc = calc
+        self._lock = threading.RLock()  # its own: never the calculator's private lock
+        self._features: Dict[str, np.ndarray] = {}  # structure key -> φ (this generation)
+        self._posterior = None  # (inverse matrix, calibration factor s²)
         self._llpr = None
         self._train = None
         self._calibration = None
@@ -36,7 +59,7 @@ class EnergyUncertainty:
         """Fit on labelled ``frames`` of the calculator's variant; calibrate on
         ``calibration`` (held-out labels; default: ``frames`` themselves, which makes
         σ optimistic)."""
-        from ._metatrain.labels import labels_from_frames
+        from .labels import labels_from_frames
 
         train = labels_from_frames(frames)
         if calibration is None:
@@ -47,30 +70,86 @@ class EnergyUncertainty:
         self._refit()
 
     def _refit(self) -> None:
-        from ._metatrain import llpr
+        from . import _metatrain
 
         calc = self._calc
-        with calc._lock:
+        with self._lock:
+            if self.method == "posterior":
+                if self._generation != calc.generation:
+                    self._features = {}  # features belong to one set of weights
+                self._fit_posterior()
+                self._generation = calc.generation
+                return
             if self._llpr is None:
-                self._llpr = llpr.wrap(calc.model, calc.variant)
-            llpr.fit(self._llpr, calc.variant, self._train, self._calibration)
+                self._llpr = _metatrain.LLPR(calc.model, calc.variant)
+            self._llpr.fit(self._train, self._calibration)
             self._generation = calc.generation
         logger.info("LLPR uncertainty fitted on %d frames (generation %d)",
                     len(self._train), self._generation)
 
     def per_atom(self, atoms_list: Sequence) -> list:
         """σ(E)/N in eV/atom for each structure."""
-        from ._metatrain import llpr
-
         if not self.fitted:
-            raise PetftError(
+            raise ConfigError(
                 "the energy uncertainty is not fitted yet: call "
                 "calc.fit_uncertainty(labelled_frames) with a few labelled structures "
                 "of this variant (the OnTheFlyLearner does it after its first labels)"
             )
         calc = self._calc
-        with calc._lock:
+        with self._lock:
             if self._generation != calc.generation:
                 self._refit()
-            sigmas = llpr.energy_uncertainty(self._llpr, calc.variant, atoms_list)
+            if self.method == "posterior":
+                return self._posterior_sigma(atoms_list)
+            sigmas = self._llpr.energy_sigma(atoms_list)
         return [s / len(a) for s, a in zip(sigmas, atoms_list)]
+
+    # ------------------------------------------------------------------ posterior
+    def _phi(self, atoms_list) -> np.ndarray:
+        """Per-atom last-layer features, cached per structure for this generation."""
+        from . import _metatrain
+
+        calc = self._calc
+        keys = [_key(a) for a in atoms_list]
+        missing = [(k, a) for k, a in zip(keys, atoms_list) if k not in self._features]
+        if missing:
+            phi = _metatrain.energy_features(calc.model, calc.variant, [a for _, a in missing])
+            for (k, a), row in zip(missing, phi):
+                self._features[k] = row / len(a)
+        return np.array([self._features[k] for k in keys])
+
+    def _fit_posterior(self) -> None:
+        train = self._phi([label.atoms for label in self._train])
+        gram = train.T @ train
+        lam = PRIOR * max(float(np.trace(gram)) / len(gram), 1e-30)
+        inverse = np.linalg.inv(gram + lam * np.eye(len(gram)))
+        atoms = [label.atoms for label in self._calibration]
+        raw = self._raw_variance(self._phi(atoms), inverse)
+        predicted = self._calc_energies(atoms)
+        residual = np.array([(p - label.energy) / label.n_atoms
+                             for p, label in zip(predicted, self._calibration)])
+        scale2 = float(np.mean(residual ** 2 / np.maximum(raw, 1e-300)))
+        self._posterior = (inverse, scale2)
+
+    @staticmethod
+    def _raw_variance(phi: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,jk,ik->i", phi, inverse, phi)
+
+    def _calc_energies(self, atoms_list):
+        from . import _metatrain
+
+        calc = self._calc
+        return [p["energy"] for p in _metatrain.predict(calc.model, atoms_list, calc.variant,
+                                                        forces=False, stress=False)]
+
+    def _posterior_sigma(self, atoms_list) -> list:
+        inverse, scale2 = self._posterior
+        raw = self._raw_variance(self._phi(list(atoms_list)), inverse)
+        return [float(np.sqrt(scale2 * v)) for v in raw]
+
+
+def _key(atoms) -> str:
+    digest = hashlib.sha1()
+    for array in (atoms.numbers, atoms.positions, np.asarray(atoms.cell), atoms.pbc):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()

@@ -13,7 +13,8 @@ from typing import Iterable, Optional
 
 from .errors import VariantError
 
-__all__ = ["BASE", "validate_variant", "variant_suffix", "closest_variant", "is_one_typo_away"]
+__all__ = ["BASE", "validate_variant", "variant_suffix", "closest_variant", "is_one_typo_away",
+           "missing_variant_message", "require_variant", "new_variant_description"]
 
 BASE = "energy"
 _SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.+]*$")
@@ -66,3 +67,30 @@ def is_one_typo_away(a: str, b: str) -> bool:
         )
     short, long_ = (a, b) if len(a) < len(b) else (b, a)
     return any(long_[:i] + long_[i + 1 :] == short for i in range(len(long_)))
+
+
+def missing_variant_message(variant: str, available: Iterable[str], *,
+                            where: str = "this model", fix: str = "") -> str:
+    """THE message for a variant that is not there: what was asked, what exists, the
+    closest name, and how to fix it."""
+    available = sorted(available)
+    close = closest_variant(variant, available)
+    hint = f"; did you mean {close!r}?" if close else ""
+    return f"unknown variant {variant!r}: {where} has {available}{hint}" + (
+        f" {fix}" if fix else "")
+
+
+def require_variant(variant: str, available: Iterable[str], *, where: str = "this model",
+                    fix: str = "", error: type = VariantError) -> str:
+    """Return ``variant`` if it is in ``available``, else raise ``error`` (VariantError)
+    with :func:`missing_variant_message`."""
+    available = list(available)
+    if variant not in available:
+        raise error(missing_variant_message(variant, available, where=where, fix=fix))
+    return variant
+
+
+def new_variant_description(variant: str, inherit_from: str) -> str:
+    """The description of a variant ase_petft creates. It must never drift: metatrain
+    refuses to restart a checkpoint whose target description changed."""
+    return f"{variant} (ase_petft variant, initialised from {inherit_from})"

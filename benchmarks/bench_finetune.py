@@ -82,7 +82,7 @@ def main() -> None:
     from test_finetune import ReparamEMT, level_frames
     from ase_petft.config import FineTuneConfig
     from ase_petft.finetune import finetune
-    from ase_petft._metatrain.engine import split_indices
+    from ase_petft.finetune.prepare import split_indices
     import numpy as np
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -39,7 +39,7 @@ def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
             config=FineTuneConfig(method="heads", seed=0), max_labels=max_labels,
         )
         dyn = _langevin(atoms, settings, settings.seed)
-        dyn.attach(learner, interval=1)
+        learner.attach(dyn)  # records dyn.nsteps; the watchdog can restore the atoms
         last = [time.perf_counter()]
 
         def clock():
@@ -53,9 +53,9 @@ def _run(policy, settings, holdout, workdir: pathlib.Path, *, background: bool,
         dyn.run(settings.steps)
         learner.close()
         wall = time.perf_counter() - start
-    from ase_petft.demo import prediction_errors
+    from ase_petft.metrics import calculator_errors
 
-    errors = prediction_errors(holdout, calc)
+    errors = calculator_errors(holdout, calc)
     times = np.array(step_times[1:])
     flags = np.array(during[1:], dtype=bool)
     return {

@@ -161,9 +161,9 @@ def label_all(frames: List[Atoms], reference) -> List[Atoms]:
 
 def errors(calc, labelled: List[Atoms]) -> Dict[str, float]:
     """Energy (meV/atom) and force (meV/Å) MAE of ``calc`` against labelled frames."""
-    from ase_petft.demo import prediction_errors
+    from ase_petft.metrics import calculator_errors
 
-    return prediction_errors(labelled, calc)
+    return calculator_errors(labelled, calc)
 
 
 HEADERS = {"energy_mae_meV_per_atom": "E MAE (meV/atom)",

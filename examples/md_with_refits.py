@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> dict:
         learner = OnTheFlyLearner(
             calc, setup.new_level(), buffer, select=every(args.every),
             refit_every=args.refit_every, background=not args.inline,
-            config=FineTuneConfig(method=args.method, seed=args.seed, num_epochs=20),
+            config=FineTuneConfig(method=args.method, seed=args.seed,
+                                  # epochs exist for metatrain's SGD, not the linear heads solver
+                                  **({} if args.method == "heads" else {"num_epochs": 20})),
             workdir=workdir / "learner", holdout_fraction=0.25,
         )
         dyn = _common.langevin(atoms, setup, args.seed)

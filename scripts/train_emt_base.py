@@ -89,13 +89,9 @@ def train(work: pathlib.Path, frames, epochs: int) -> pathlib.Path:
 def errors(checkpoint, frames, variant: str) -> dict:
     """Energy/force/stress errors of ``variant`` of ``checkpoint`` on labelled frames."""
     sys.path.insert(0, str(REPO))
-    from ase_petft import _metatrain
-    from ase_petft._metatrain.engine import error_metrics
-    from ase_petft._metatrain.labels import labels_from_frames
-    from ase_petft._metatrain.training import predict
+    from ase_petft.learner.gate import evaluate_generation
 
-    return error_metrics(labels_from_frames(frames),
-                         predict(_metatrain.load_model(checkpoint), frames, variant))
+    return evaluate_generation(checkpoint, frames, variant)[0]
 
 
 def held_out_errors(checkpoint: pathlib.Path) -> dict:

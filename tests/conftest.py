@@ -116,3 +116,39 @@ class MetatomicLike(Calculator):
 
 
 MetatomicLike.__module__ = "metatomic.torch.ase_calculator"
+
+
+def without_known_noise(filters):
+    """``warnings.filters`` less the targeted filters ase_petft installs once for the
+    known noise of its dependencies (``_metatrain._state.KNOWN_NOISE``)."""
+    from ase_petft._metatrain._state import KNOWN_NOISE
+
+    ours = {(message, category) for message, category in KNOWN_NOISE}
+    return [f for f in filters
+            if not (f[0] == "ignore" and f[1] is not None and (f[1].pattern, f[2]) in ours)]
+
+
+def perturbed_checkpoint(src: pathlib.Path, dest: pathlib.Path, *, seed: int,
+                         scale: float = 0.05, only: str = "") -> pathlib.Path:
+    """Same architecture, different weights (a stand-in for a refit generation)."""
+    import torch
+
+    from ase_petft import _metatrain
+
+    model = _metatrain.load_model(src)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if only in name:
+                param.add_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return _metatrain.save_checkpoint(model, dest)
+
+
+def assert_filters_only_gained_targeted_ignores(before, after):
+    """Nothing of the host's warning filters was removed or reordered, and everything
+    added is a targeted ``ignore`` of one message (ours for known noise, or the ones
+    metatrain itself adds while evaluating models): never a blanket filter."""
+    kept = [f for f in after if f in before]
+    assert kept == list(before)
+    added = [f for f in after if f not in before]
+    assert all(f[0] == "ignore" and f[1] is not None for f in added), added

@@ -21,8 +21,9 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 import ase_petft
-from ase_petft import _h5, _table
 from ase_petft.buffer import LabelBuffer
+from ase_petft.buffer import file as buffer_file
+from ase_petft.buffer import table as buffer_table
 from ase_petft.errors import LabelBufferError
 from ase_petft.labelling import label, label_many
 
@@ -363,10 +364,10 @@ def test_damaged_frames_are_detected(path):
         assert_same_frame(buffer[0], cu_frame(seed=0))
         with pytest.raises(LabelBufferError, match="frame 1 .* damaged"):
             buffer[1]
-    lock = _h5.WriterLock(path)
+    lock = buffer_file.WriterLock(path)
     try:
         with pytest.raises(LabelBufferError, match=r"frames \[1\] .* damaged"):
-            _h5.rebuild(path, lock)
+            buffer_file.rebuild(path, lock)
     finally:
         lock.release()
 
@@ -375,8 +376,8 @@ def test_recovery_drops_only_a_torn_last_append(path):
     with LabelBuffer(path) as buffer:
         buffer.extend([cu_frame(seed=s) for s in range(3)], variant="energy")
     with h5py.File(path, "r+") as f:  # as if a power loss tore the last frame's atoms
-        f["labels/atoms"][8:12] = np.zeros(4, dtype=_table.ATOM_DTYPE)
-    lock = _h5.rebuild(path, _h5.WriterLock(path))
+        f["labels/atoms"][8:12] = np.zeros(4, dtype=buffer_table.ATOM_DTYPE)
+    lock = buffer_file.rebuild(path, buffer_file.WriterLock(path))
     lock.release()
     with LabelBuffer(path, "a") as buffer:
         assert len(buffer) == 2

@@ -23,6 +23,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
 
 from ase_petft import (
+    ConfigError,
     CheckpointError,
     FineTunableCalculator,
     ModelSwapError,
@@ -32,7 +33,7 @@ from ase_petft import (
 from ase_petft import _metatrain
 from ase_petft.calculator import StressUnavailableError
 
-from conftest import emt_frames
+from conftest import emt_frames, perturbed_checkpoint, without_known_noise
 
 # ASE >= 3.28 renamed MaxwellBoltzmannDistribution's rng form
 thermalize = getattr(velocitydistribution, "thermalize_momenta", None) or (
@@ -47,20 +48,6 @@ def mtt_export(checkpoint: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
-
-
-def perturbed_checkpoint(src: pathlib.Path, dest: pathlib.Path, *, seed: int,
-                         scale: float = 0.05, only: str = "") -> pathlib.Path:
-    """Same architecture, different weights (a stand-in for a refit generation)."""
-    import torch
-
-    model = _metatrain.load_model(src)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if only in name:
-                param.add_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
-    return _metatrain.save_checkpoint(model, dest)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +168,7 @@ def test_missing_variant_without_inherit_is_a_clear_error(emt_checkpoint):
         FineTunableCalculator(emt_checkpoint, variant="energy/pbe", inherit_from=None)
     with pytest.raises(VariantError, match="invalid energy variant 'forces/pbe'"):
         FineTunableCalculator(emt_checkpoint, variant="forces/pbe")
-    with pytest.raises(VariantError, match="no 'energy/x' head"):
+    with pytest.raises(VariantError, match=r"unknown variant 'energy/x'.*inherit_from"):
         FineTunableCalculator(emt_checkpoint, variant="energy/y", inherit_from="energy/x")
 
 
@@ -209,7 +196,7 @@ def test_bad_checkpoints_give_checkpoint_errors(tmp_path, exported_emt, emt_chec
         FineTunableCalculator(other)
     with pytest.raises(CheckpointError, match="exported metatomic model"):
         FineTunableCalculator(exported_emt)
-    with pytest.raises(CheckpointError, match="unsupported dtype"):
+    with pytest.raises(ConfigError, match="unsupported dtype"):
         FineTunableCalculator(emt_checkpoint, dtype="float16")
 
 
@@ -371,7 +358,11 @@ def test_global_logging_and_warning_state_untouched(emt_checkpoint):
     root_handlers = list(logging.getLogger().handlers)
     FineTunableCalculator(emt_checkpoint, variant="energy/new")
     assert logging.getLoggerClass() is logger_class
-    assert warnings.filters == filters
+    # only the documented, targeted filters for known noise, added once
+    assert without_known_noise(warnings.filters) == without_known_noise(filters)
+    installed = list(warnings.filters)
+    FineTunableCalculator(emt_checkpoint, variant="energy/new2")
+    assert warnings.filters == installed
     assert logging.getLogger().handlers == root_handlers  # no basicConfig behind our back
 
 

@@ -18,8 +18,10 @@ from ase.md.langevin import Langevin
 
 from ase_petft import (CheckpointError, FineTunableCalculator, FineTuneConfig,
                        FineTuneError, LabelBuffer)
-from ase_petft._cli_common import exit_code
-from ase_petft.cli import main
+from ase_petft.cli import build_parser, main
+from ase_petft.cli.finetune import config_from_args
+from ase_petft.errors import (ConfigError, LabellingError, TrainingDataError, UsageError,
+                              exit_code)
 from ase_petft.learner import OnTheFlyLearner, every
 from ase_petft.report import write_report
 
@@ -96,13 +98,37 @@ def test_missing_file_is_one_line_and_exit_code_2(tmp_path, args):
     assert not (tmp_path / "out").exists() and not (tmp_path / "model.pt").exists()
 
 
-def test_exit_codes_of_errors():
-    caused = FineTuneError("cannot fine-tune")
+def test_usage_error_is_one_line_pointing_to_help(capsys):
+    assert main(["finetune", "only-one-arg"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "usage:" not in lines[0]
+    assert lines[0].startswith("petft finetune: error: the following arguments are required")
+    assert "petft finetune --help" in lines[0]
+    assert main(["buffer", "info", "--bogus"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("petft buffer info: error: ")
+
+
+def test_exit_codes_follow_the_error_tree():
+    for error in (UsageError("bad option"), ConfigError("lr"), CheckpointError("unreadable"),
+                  TrainingDataError("too few labels")):
+        assert exit_code(error) == 2
+    for error in (FineTuneError("diverged"), LabellingError("SCF failed"),
+                  RuntimeError("boom"), ValueError("not one of ours")):
+        assert exit_code(error) == 1
+    caused = FineTuneError("diverged")  # the class decides, not what caused it
     caused.__cause__ = CheckpointError("unreadable")
-    assert exit_code(caused) == 2
-    assert exit_code(FineTuneError("diverged")) == 1
-    assert exit_code(RuntimeError("boom")) == 1
-    assert exit_code(ValueError("bad setting")) == 2
+    assert exit_code(caused) == 1
+
+
+def test_finetune_passes_only_the_options_given():
+    base = ["finetune", "model.ckpt", "labels.xyz", "--variant", "energy/x", "-o", "out"]
+    assert config_from_args(build_parser().parse_args(base)) == FineTuneConfig()
+    args = build_parser().parse_args([*base, "--method", "full", "--epochs", "3",
+                                      "--inherit-from", "none"])
+    assert args.lr is None and args.batch_size is None and args.solver is None
+    assert config_from_args(args) == FineTuneConfig(method="full", num_epochs=3,
+                                                    inherit_from=None)
 
 
 # ---------------------------------------------------------------------- buffer
@@ -189,7 +215,7 @@ def test_finetune_sgd_with_replay_keeps_the_old_head(emt_checkpoint, labels_xyz,
     (["--variant", "energy/new", "--lr", "0"], "learning_rate"),
     (["--variant", "energy/new", "--index", "0"], "at least 2"),
     (["--variant", "energy/new", "--replay-variant", "energy/other", "--replay", "LABELS"],
-     "replay variant 'energy/other' is not in the checkpoint"),
+     "unknown variant 'energy/other': the checkpoint has"),
 ])
 def test_finetune_bad_input_is_exit_code_2(emt_checkpoint, labels_xyz, tmp_path, capsys,
                                            extra, message):
@@ -273,3 +299,18 @@ def test_report_of_a_run_without_refits(tmp_path):
 def test_report_of_a_folder_that_is_not_a_learner_workdir(tmp_path, capsys):
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r")]) == 2
     assert "not a learner work directory" in capsys.readouterr().err
+
+
+def test_report_into_an_existing_file_is_exit_code_2(tmp_path, capsys):
+    workdir = tmp_path / "learner"
+    workdir.mkdir()
+    row = {"step": 3, "event": "label", "generation": 0, "n_labels": 1, "time": 0.0,
+           "holdout": False, "uncertainty": None}
+    (workdir / "history.jsonl").write_text(json.dumps(row) + "\n")
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert main(["report", str(workdir), "-o", str(taken)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("petft report: error: ")
+    assert "exists and is not a directory" in lines[0]
+    assert taken.read_text() == "mine"

@@ -1,13 +1,13 @@
-"""Closed-form heads-only refit: Bayesian ridge regression of PET's last layers.
+"""Closed-form heads-only refit, metatrain side: Jacobian rows of PET's last layers.
 
 PET's energy is *exactly* linear in the weights and biases θ of its last layers
 (``node_last_layers`` / ``edge_last_layers`` of one variant): E(θ) = E(θ₀) + J_E·δ,
 and so are forces and stress (F = -∂E/∂r, σ = ∂E/∂ε / V). With the backbone and the
 head MLPs frozen, fitting energies, forces and stress is therefore a linear least
 squares problem in δ = θ - θ₀. The Jacobians come from one forward pass, one
-``create_graph`` backward to θ and a batched (vmapped) backward per structure; the
-ridge strength (toward the current weights θ₀, i.e. the inherited head) is chosen
-by evidence maximisation (MacKay) unless ``FineTuneConfig.ridge`` fixes it.
+``create_graph`` backward to θ and a batched (vmapped) backward per structure. The
+statistics and the model selection (which λ, which noise levels, or no update at
+all) are plain numpy, in :mod:`ase_petft.finetune.solver`.
 
 Composition and scale are not touched here (see DESIGN.md §5). PET is not
 rotation-invariant by construction; ``config.rotations`` randomly rotated copies of
@@ -18,19 +18,18 @@ as much as the structures and did not help, see ``FineTuneConfig.rotations``).
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import FineTuneError
-from . import preserved_global_state
-from .labels import Label
+from ..labels import Label
+from ._state import preserved_logger_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["refit_heads", "last_layer_parameters"]
+__all__ = ["heads_rows", "apply_heads_update", "last_layer_parameters", "energy_features"]
 
 
 def last_layer_parameters(model, variant: str) -> List[Tuple[str, torch.nn.Parameter]]:
@@ -41,31 +40,30 @@ def last_layer_parameters(model, variant: str) -> List[Tuple[str, torch.nn.Param
     return params
 
 
-def refit_heads(model, variant: str, labels: Sequence[Label], *, config) -> dict:
-    """Refit the last layers of ``variant`` in place; returns solver diagnostics."""
-    params = last_layer_parameters(model, variant)
+def heads_rows(model, variant: str, labels: Sequence[Label], *, config) -> List[tuple]:
+    """Per structure ``(A, y, w, kind)``: the derivatives of the predictions (energy per
+    atom, forces, stress) with respect to the last-layer parameters of ``variant``, the
+    residuals label − prediction, each row's loss weight (metatrain's normalisation:
+    energies per atom, forces averaged over 3N components, stress over 6) and the row
+    kind. Physical units; the model is not changed."""
+    params = [p for _, p in last_layer_parameters(model, variant)]
     rng = np.random.default_rng(config.seed)
-    frames = _augmented(labels, config.rotations, rng)
-    rows, targets = [], []
-    with _frozen_except(model, [p for _, p in params]):
-        for label in frames:
-            a, y = _rows(model, variant, label, [p for _, p in params], config)
-            rows.append(a)
-            targets.append(y)
-    A, y = np.concatenate(rows), np.concatenate(targets)
-    delta, info = _solve(A, y, config.ridge)
+    out = []
+    with _frozen_except(model, params):
+        for label in _augmented(labels, config.rotations, rng):
+            out.append(_rows(model, variant, label, params, config))
+    return out
+
+
+def apply_heads_update(model, variant: str, delta: np.ndarray) -> None:
+    """Add ``delta`` (ordered like :func:`heads_rows`' columns) to the last layers."""
     offset = 0
     with torch.no_grad():
-        for _, p in params:
+        for _, p in last_layer_parameters(model, variant):
             n = p.numel()
-            p += torch.as_tensor(delta[offset:offset + n], dtype=p.dtype).reshape(p.shape)
+            p += torch.as_tensor(delta[offset:offset + n], dtype=p.dtype,
+                                 device=p.device).reshape(p.shape)
             offset += n
-    info.update(n_parameters=int(A.shape[1]), n_rows=int(A.shape[0]), n_structures=len(frames))
-    logger.info("linear heads refit of %r (closed form instead of metatrain's SGD, "
-                "%d rotated copies per structure): %d parameters, %d rows, ridge %.3g, "
-                "effective parameters %.1f", variant, config.rotations, info["n_parameters"],
-                info["n_rows"], info["ridge"], info["gamma"])
-    return info
 
 
 class _frozen_except:
@@ -118,8 +116,7 @@ def _rows(model, variant: str, label: Label, params, config):
     dtype = params[0].dtype
     use_forces = label.forces is not None and config.forces_weight > 0
     use_stress = label.stress is not None and label.periodic and config.stress_weight > 0
-    with preserved_global_state(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with preserved_logger_class():
         system = systems_to_torch(label.atoms, dtype=dtype)
         system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
         system, strain = _prepare_system(system, True, True, False)
@@ -130,64 +127,52 @@ def _rows(model, variant: str, label: Label, params, config):
     g = torch.cat([x.reshape(-1) for x in grads])
     inputs = [system.positions] + ([strain] if use_stress else [])
     e0 = torch.autograd.grad(energy, inputs, retain_graph=True)
-    jac = torch.autograd.grad(g, inputs, grad_outputs=torch.eye(len(g), dtype=g.dtype),
+    jac = torch.autograd.grad(g, inputs, grad_outputs=torch.eye(len(g), dtype=g.dtype, device=g.device),
                               is_grads_batched=True, retain_graph=False)
     n = label.n_atoms
-    blocks, targets = [], []
-    w_e = np.sqrt(config.energy_weight)
-    blocks.append(w_e * g.detach().double().numpy()[None, :] / n)
-    targets.append(w_e * np.array([(label.energy - float(energy.detach())) / n]))
+    blocks, targets, weights, kinds = [], [], [], []
+
+    def add(rows, values, weight, kind):
+        blocks.append(rows)
+        targets.append(values)
+        weights.append(np.full(len(values), weight))
+        kinds.append(np.full(len(values), kind))
+
+    add(g.detach().double().cpu().numpy()[None, :] / n,
+        np.array([(label.energy - float(energy.detach())) / n]), config.energy_weight, "energy")
     if use_forces:
-        w = np.sqrt(config.forces_weight / (3 * n))
-        j_f = -jac[0].detach().double().numpy().reshape(len(g), -1).T  # (3n, P)
-        f0 = -e0[0].detach().double().numpy().reshape(-1)
-        blocks.append(w * j_f)
-        targets.append(w * (label.forces.reshape(-1) - f0))
+        j_f = -jac[0].detach().double().cpu().numpy().reshape(len(g), -1).T  # (3n, P)
+        f0 = -e0[0].detach().double().cpu().numpy().reshape(-1)
+        add(j_f, label.forces.reshape(-1) - f0, config.forces_weight / (3 * n), "forces")
     if use_stress:
         # metatrain's loss sees the strain gradient (stress × volume) per atom, so the
         # stress rows are in those units too; in eV/Å³ they would weigh ~V²/n² less
         volume = abs(label.atoms.cell.volume)
-        w = np.sqrt(config.stress_weight / 6)
-        j_s = jac[1].detach().double().numpy().reshape(len(g), 3, 3) / n
-        s0 = e0[1].detach().double().numpy() / n
+        j_s = jac[1].detach().double().cpu().numpy().reshape(len(g), 3, 3) / n
+        s0 = e0[1].detach().double().cpu().numpy() / n
         voigt = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
-        blocks.append(w * j_s[:, voigt[0], voigt[1]].T)
-        targets.append(w * (label.stress * volume / n - s0[voigt[0], voigt[1]]))
-    return np.concatenate(blocks), np.concatenate(targets)
+        add(j_s[:, voigt[0], voigt[1]].T, label.stress * volume / n - s0[voigt[0], voigt[1]],
+            config.stress_weight / 6, "stress")
+    return (np.concatenate(blocks), np.concatenate(targets), np.concatenate(weights),
+            np.concatenate(kinds))
 
 
-def _solve(A: np.ndarray, y: np.ndarray, ridge):
-    """Ridge solution toward 0; λ by evidence maximisation unless ``ridge`` given."""
-    AtA, Aty = A.T @ A, A.T @ y
-    eig, V = np.linalg.eigh(AtA)
-    eig = np.clip(eig, 0.0, None)
-    b = V.T @ Aty
-    if ridge is not None:
-        lam = ridge * max(float(np.mean(eig)), 1e-30)
-        m = V @ (b / (eig + lam))
-        gamma = float(np.sum(eig / (eig + lam)))
-        return m, {"ridge": lam, "gamma": gamma}
-    return _evidence_grid(A, y, eig, V, b)
+def energy_features(model, variant: str, atoms_list: Sequence) -> np.ndarray:
+    """``(n, P)``: the gradient of each structure's energy with respect to the last-layer
+    parameters of ``variant`` — the features the energy is linear in (one forward and
+    one backward pass per structure; the model is not changed)."""
+    from metatomic.torch import ModelOutput, systems_to_torch
+    from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
-
-def _evidence_grid(A, y, eig, V, b):
-    """λ = α/β maximising the log evidence on a log grid (β at its optimum for each λ).
-
-    A grid, not MacKay's fixed-point iteration: the iteration can run away to
-    α → ∞ (no update at all) on informative data, which a grid cannot."""
-    n, p = len(y), len(eig)
-    scale = max(float(np.mean(eig)), 1e-30)
-    best = None
-    for lam in scale * np.logspace(-10, 4, 57):
-        m = V @ (b / (eig + lam))
-        residual = float(np.sum((y - A @ m) ** 2))
-        beta = n / max(residual + lam * float(m @ m), 1e-300)
-        alpha = lam * beta
-        log_evidence = (0.5 * p * np.log(alpha) + 0.5 * n * np.log(beta)
-                        - 0.5 * beta * residual - 0.5 * alpha * float(m @ m)
-                        - 0.5 * float(np.sum(np.log(beta * eig + alpha))))
-        if best is None or log_evidence > best[0]:
-            best = (log_evidence, lam, m)
-    _, lam, m = best
-    gamma = float(np.sum(eig / (eig + lam)))
-    return m, {"ridge": lam, "gamma": gamma}
+    params = [p for _, p in last_layer_parameters(model, variant)]
+    dtype = params[0].dtype
+    rows = []
+    with _frozen_except(model, params):
+        for atoms in atoms_list:
+            with preserved_logger_class():
+                system = systems_to_torch(atoms, dtype=dtype)
+                system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+                out = model([system], {variant: ModelOutput(unit="eV", sample_kind="system")})
+            grads = torch.autograd.grad(out[variant].block().values.sum(), params)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]).detach().double().cpu().numpy())
+    return np.array(rows)

@@ -8,15 +8,15 @@ are standard deviations of the *total* energy (eV), calibrated on held-out label
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import List, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import PetftError
-from . import atomic_types, preserved_global_state
-from .labels import Label
+from ..labels import Label
+from ._state import preserved_logger_class
+from .heads import atomic_types
 
 __all__ = ["wrap", "fit", "energy_uncertainty", "uncertainty_output"]
 
@@ -30,8 +30,7 @@ def wrap(model, variant: str):
     """An LLPR model around ``model`` (shared, not copied) for ``variant``."""
     from metatrain.utils.data import DatasetInfo
 
-    with preserved_global_state(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with preserved_logger_class():
         from metatrain.llpr.model import LLPRUncertaintyModel
         from metatrain.utils.architectures import get_default_hypers
 
@@ -60,8 +59,7 @@ def fit(llpr, variant: str, train: Sequence[Label], calibration: Sequence[Label]
     from .training import routed_logs
 
     name = uncertainty_output(variant)
-    with preserved_global_state(), warnings.catch_warnings(), torch.no_grad(), routed_logs():
-        warnings.simplefilter("ignore")
+    with preserved_logger_class(), torch.no_grad(), routed_logs():
         getattr(llpr, f"covariance_{name}").zero_()
         llpr.compute_covariance([build_dataset(train, variant, forces=False, stress=False)],
                                 min(batch_size, len(train)), False)
@@ -79,10 +77,24 @@ def energy_uncertainty(llpr, variant: str, atoms_list: Sequence) -> List[float]:
     model = llpr.model
     dtype = next(model.parameters()).dtype
     outputs = {name: ModelOutput(sample_kind="system")}
-    with preserved_global_state(), warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with preserved_logger_class(), torch.no_grad():
         systems = [get_system_with_neighbor_lists(s, model.requested_neighbor_lists())
                    for s in systems_to_torch(list(atoms_list), dtype=dtype)]
         result = llpr(systems, outputs)
     values = result[name].block().values.detach().double().cpu().numpy().reshape(-1)
     return [float(v) for v in np.asarray(values)]
+
+
+class LLPR:
+    """metatrain's LLPR on one variant of a live PET module (shared, not copied)."""
+
+    def __init__(self, model, variant: str) -> None:
+        self.variant = variant
+        self._llpr = wrap(model, variant)
+
+    def fit(self, train: Sequence[Label], calibration: Sequence[Label]) -> None:
+        fit(self._llpr, self.variant, train, calibration)
+
+    def energy_sigma(self, atoms_list: Sequence) -> List[float]:
+        """Calibrated σ of each structure's total energy (eV)."""
+        return energy_uncertainty(self._llpr, self.variant, atoms_list)

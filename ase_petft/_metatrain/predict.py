@@ -6,13 +6,12 @@ give the same numbers (same metatrain forward, same autograd path).
 
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Sequence
 
 import numpy as np
 
 from ..errors import FineTuneError
-from . import preserved_global_state
+from ._state import preserved_logger_class
 
 __all__ = ["predict"]
 
@@ -34,8 +33,7 @@ def predict(model, atoms_list: Sequence, variant: str, *, forces: bool = True,
     model.eval()
     out: List[Dict[str, np.ndarray]] = []
     try:
-        with preserved_global_state(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with preserved_logger_class():
             for start in range(0, len(atoms_list), batch_size):
                 chunk = list(atoms_list[start:start + batch_size])
                 systems = [get_system_with_neighbor_lists(s, model.requested_neighbor_lists())
@@ -53,10 +51,10 @@ def _prediction_info(model, variant: str, forces: bool, stress: bool):
             f"the model has no {variant!r} head; it has "
             f"{sorted(model.dataset_info.targets)}"
         )
-    return _with_gradients(model.dataset_info.targets[variant], forces, stress)
+    return with_gradients(model.dataset_info.targets[variant], forces, stress)
 
 
-def _with_gradients(info, forces: bool, stress: bool):
+def with_gradients(info, forces: bool, stress: bool):
     from metatrain.utils.data.target_info import get_energy_target_info
 
     return get_energy_target_info(

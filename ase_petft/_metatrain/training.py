@@ -11,26 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import random
 import threading
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import FineTuneError
-from . import preserved_global_state
-from .labels import Label
+from ..labels import Label
+from ._state import ARCHITECTURE, preserved_logger_class
 
 logger = logging.getLogger(__name__)
 _trainer_log = logging.getLogger(__name__ + ".trainer")
 
 __all__ = [
-    "build_dataset", "run_info", "trainer_hypers", "run_trainer", "predict",
-    "merge_lora", "composition_weights", "set_composition_weights",
-    "scale_weights", "seeded", "register_scaler_targets",
+    "build_dataset", "run_info", "trainer_hypers", "run_trainer", "train_sgd",
+    "merge_lora", "seeded", "register_scaler_targets", "import_metatrain",
 ]
 
 
@@ -47,8 +46,7 @@ def import_metatrain() -> None:
     process-wide warning filters or logging configuration."""
     import importlib
 
-    with preserved_global_state(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with preserved_logger_class():
         for name in _MODULES:
             importlib.import_module(name)
 
@@ -124,11 +122,17 @@ def register_scaler_targets(model) -> None:
 
 
 # ---------------------------------------------------------------------- hypers
+def default_pet_hypers() -> Dict[str, Any]:
+    from metatrain.utils.architectures import get_default_hypers
+
+    with preserved_logger_class():
+        return copy.deepcopy(get_default_hypers(ARCHITECTURE))
+
+
 def trainer_hypers(model, *, targets: Mapping[str, Any], settings: Mapping[str, Any],
                    finetune: Mapping[str, Any], loss_weights: Mapping[str, float],
                    overrides: Mapping[str, Any]) -> Dict[str, Any]:
     """Complete PET trainer hypers, validated by metatrain (FineTuneError if not)."""
-    from . import default_pet_hypers
 
     hypers = default_pet_hypers()["training"]
     hypers.update(copy.deepcopy(dict(overrides)))
@@ -139,7 +143,7 @@ def trainer_hypers(model, *, targets: Mapping[str, Any], settings: Mapping[str, 
     try:
         from metatrain.utils.architectures import check_architecture_options
 
-        with preserved_global_state():
+        with preserved_logger_class():
             check_architecture_options(name="pet", options=options)
     except Exception as exc:
         raise FineTuneError(
@@ -165,7 +169,7 @@ def _expanded_loss(targets, loss, weights) -> Dict[str, Any]:
                     "stress": {"key": "stress"}} for name in targets}
     conf = OmegaConf.create({"training_set": [{"targets": flags}],
                              "architecture": {"training": {"loss": loss}}})
-    with preserved_global_state():
+    with preserved_logger_class():
         expanded = expand_loss_config(conf)
     out = OmegaConf.to_container(expanded["architecture"]["training"]["loss"], resolve=True)
     for name, info in targets.items():  # drop gradient terms the target does not have
@@ -190,13 +194,13 @@ def _trainer_class():
 
 
 def run_trainer(model, hypers: Dict[str, Any], train_sets: List, val_sets: List, *,
-                scratch_dir: str, progress: Optional[Callable[[int, int], None]] = None):
+                scratch_dir: str, progress: Optional[Callable[[int, int], None]] = None,
+                device=None):
     """Train ``model`` in place with metatrain's PET trainer; load the best epoch.
 
     Returns ``(model, best_epoch)``; the returned model may carry LoRA layers.
     """
-    with preserved_global_state(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with preserved_logger_class():
         Trainer = _trainer_class()
     trainer = Trainer(hypers)
     dtype = next(model.parameters()).dtype
@@ -204,8 +208,8 @@ def run_trainer(model, hypers: Dict[str, Any], train_sets: List, val_sets: List,
     if progress is not None:
         val_sets = val_sets[:-1] + [EpochCounter(val_sets[-1], progress, hypers["num_epochs"])]
     try:
-        with preserved_global_state(), routed_logs():
-            trainer.train(model=model, dtype=dtype, devices=[torch.device("cpu")],
+        with preserved_logger_class(), routed_logs():
+            trainer.train(model=model, dtype=dtype, devices=[torch.device(device or "cpu")],
                           train_datasets=train_sets, val_datasets=val_sets,
                           checkpoint_dir=scratch_dir)
     except Exception as exc:
@@ -318,34 +322,110 @@ def merge_lora(model) -> int:
     return merged
 
 
-# ---------------------------------------------------------------------- baselines
-def composition_weights(model, variant: str) -> Dict[int, float]:
-    """Per-element composition energies (eV) of ``variant``."""
-    weights = model.additive_models[0].model.weights[variant]
-    values = weights.block().values.detach().reshape(-1).double().cpu().numpy()
-    types = [int(z) for z in model.additive_models[0].atomic_types]
-    return dict(zip(types, values.tolist()))
+# ---------------------------------------------------------------------- SGD runs
+@dataclasses.dataclass(frozen=True)
+class SgdRun:
+    """What metatrain's trainer needs for one run (plain data; labels per variant)."""
+
+    model: Any
+    variant: str
+    config: Any  # FineTuneConfig
+    source: str  # the checkpoint path metatrain records as read_from
+    train: Dict[str, List[Label]]
+    val: Dict[str, List[Label]]
+    parent: Optional[str]  # inherit_from head when the variant is new
+    description: str
 
 
-def set_composition_weights(model, variant: str, values: Mapping[int, float]) -> None:
-    """Overwrite the composition energies of ``variant`` (buffer + TensorMap)."""
-    import metatensor.torch as mts
+def train_sgd(run: SgdRun, *, scratch_dir: str, progress=None, device=None) -> int:
+    """Train ``run.model`` in place with metatrain's PET trainer (heads/full/LoRA as
+    metatrain defines them); returns the best epoch, whose weights the model holds."""
+    config, model = run.config, run.model
+    targets = {name: _trained_target_info(run, name) for name in run.train}
+    with preserved_logger_class():
+        model.restart(run_info(model, targets))
+    register_scaler_targets(model)
+    train_sets, val_sets = [], []
+    for name, info in targets.items():
+        grads = dict(forces="positions" in info.gradients, stress="strain" in info.gradients)
+        train_sets.append(build_dataset(run.train[name], name, **grads))
+        val_sets.append(build_dataset(run.val[name] or run.train[name], name, **grads))
+    if not any(run.val.values()):
+        logger.info("validation_fraction=0: the best epoch is chosen on the training set")
+    hypers = trainer_hypers(
+        model, targets=targets, settings=_settings(run), finetune=_finetune_hypers(run),
+        loss_weights={"energy": config.energy_weight, "forces": config.forces_weight,
+                      "stress": config.stress_weight},
+        overrides=config.trainer_overrides,
+    )
+    model, best_epoch = run_trainer(model, hypers, train_sets, val_sets,
+                                    scratch_dir=scratch_dir, progress=progress, device=device)
+    if config.method == "lora":
+        logger.debug("merged %d LoRA adapters into the weights", merge_lora(model))
+    model.finetune_config = {}
+    register_scaler_targets(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    logger.info("best epoch %d of %d kept (metatrain keeps the best, not the last)",
+                best_epoch, config.num_epochs)
+    return best_epoch
 
-    composition = model.additive_models[0]
-    weights = composition.model.weights[variant]
-    block = weights.block()
-    types = [int(z) for z in composition.atomic_types]
-    new = torch.tensor([values[z] for z in types], dtype=block.values.dtype)
-    with torch.no_grad():
-        block.values.copy_(new.reshape(block.values.shape).to(block.values.device))
-    buffer = mts.save_buffer(mts.make_contiguous(weights.to("cpu", torch.float64)))
-    composition.register_buffer(variant + "_composition_buffer", buffer)
-    composition.sync_tensor_maps()
+
+def _trained_target_info(run: SgdRun, name: str):
+    """The variant's target info with the gradients its labels actually have:
+    metatrain's metrics divide by zero for a gradient no frame carries (molecules have
+    no stress, a learner may label energies and forces only)."""
+    from .predict import with_gradients
+
+    labels = list(run.train[name]) + list(run.val.get(name) or [])
+    forces = any(label.forces is not None for label in labels)
+    stress = any(label.stress is not None and label.periodic for label in labels)
+    return with_gradients(_target_info(run, name), forces, stress)
 
 
-def scale_weights(model, variant: str) -> torch.Tensor:
-    """The scaler's per-target scale tensor of ``variant`` (a copy)."""
-    return model.scaler.model.scales[variant].block().values.detach().clone()
+def _target_info(run: SgdRun, name: str):
+    from .heads import energy_target_info
+
+    if name in run.model.dataset_info.targets:
+        return run.model.dataset_info.targets[name]
+    return energy_target_info(run.description)
 
 
-from .predict import predict  # noqa: E402  (re-exported: predictions of a variant)
+def _settings(run: SgdRun) -> Dict[str, Any]:
+    config = run.config
+    smallest = min(len(labels) for labels in run.train.values())
+    batch_size = min(config.batch_size, smallest)
+    if batch_size < config.batch_size:
+        logger.info("batch_size %d > %d frames in the smallest training set: using %d",
+                    config.batch_size, smallest, batch_size)
+    settings = {
+        "num_epochs": config.num_epochs, "learning_rate": config.learning_rate,
+        "batch_size": batch_size, "num_workers": 0, "log_interval": 1,
+        "checkpoint_interval": config.num_epochs + 1,
+    }
+    if _has_missing_labels(run) and "best_model_metric" not in config.trainer_overrides:
+        settings["best_model_metric"] = "loss"  # NaN labels make MAE metrics NaN
+    return settings
+
+
+def _has_missing_labels(run: SgdRun) -> bool:
+    labels = [l for group in run.train.values() for l in group]
+    labels += [l for group in run.val.values() for l in group]
+    return any(l.forces is None or l.stress is None or not l.periodic for l in labels)
+
+
+def _finetune_hypers(run: SgdRun) -> Dict[str, Any]:
+    config = run.config
+    hypers: Dict[str, Any] = {"read_from": str(run.source), "method": config.method,
+                              "inherit_heads": {}}
+    if config.method == "heads":
+        hypers["config"] = {"head_modules": list(config.head_modules),
+                            "last_layer_modules": list(config.last_layer_modules)}
+    elif config.method == "lora":
+        hypers["config"] = {"rank": config.lora_rank, "alpha": config.lora_alpha,
+                            "target_modules": list(config.lora_target_modules)}
+    else:
+        hypers["config"] = {}
+    if run.parent is not None and config.new_variant_baseline == "metatrain":
+        hypers["inherit_heads"] = {run.variant: run.parent}  # first round only
+    return hypers

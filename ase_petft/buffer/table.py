@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
-from .errors import LabelBufferError
+from ..errors import LabelBufferError
 
 FORMAT = "ase_petft.label_buffer"
 SCHEMA_VERSION = 1

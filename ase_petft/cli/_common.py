@@ -1,50 +1,38 @@
-"""Shared pieces of the ``petft`` subcommands: exit codes, input errors, label files.
+"""What every ``petft`` subcommand shares: exit codes, the parser, progress bars, label files.
 
-Exit codes: 0 success, 2 bad usage or bad input, 1 a failure during the job. An
-error counts as *bad input* when it is one of :data:`INPUT_ERRORS`, or when it was
-caused (``raise ... from``) by one: a fine-tuning run refused because its checkpoint
-cannot be read is an input problem, not a failed job.
+Exit codes: 0 success, 2 bad usage or bad input, 1 the work failed. The code of an
+error is :func:`ase_petft.errors.exit_code`: every
+:class:`~ase_petft.errors.InputError` (this module's :class:`UsageError` included)
+is 2, every other error 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pathlib
 import sys
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, NoReturn, Optional
 
-from .errors import (CheckpointError, FineTuneError, LabelBufferError, LabellingError,
-                     ModelSwapError, PetftError, UnsupportedSystemError, VariantError)
+from ..errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, UsageError, exit_code
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(PetftError, ValueError):
-    """Bad command-line input found by the CLI itself (exit code 2)."""
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "UsageError", "exit_code", "Parser",
+           "one_line", "existing_file", "existing_dir", "step_bar", "epoch_bar",
+           "read_labels", "read_replay", "file_size"]
 
 
-#: errors about what the user gave (exit code 2), also when they caused a job error
-INPUT_ERRORS = (UsageError, CheckpointError, VariantError, LabelBufferError,
-                UnsupportedSystemError, FileNotFoundError, IsADirectoryError,
-                NotADirectoryError)
-#: errors of the work itself: exit code 1
-JOB_ERRORS = (FineTuneError, LabellingError, ModelSwapError)
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr and exit code 2.
 
+    argparse prints the whole usage block before the error; the command's ``--help``
+    has it, so the error line only points there. Subcommand parsers inherit the class.
+    """
 
-def exit_code(exc: BaseException) -> int:
-    """2 for bad input (also a job error caused by bad input), 1 for a failed job."""
-    if isinstance(exc, JOB_ERRORS):
-        cause, seen = exc.__cause__, 0
-        while cause is not None and seen < 10:
-            if isinstance(cause, INPUT_ERRORS) and not isinstance(cause, JOB_ERRORS):
-                return EXIT_USAGE
-            cause, seen = cause.__cause__, seen + 1
-        return EXIT_FAILURE
-    if isinstance(exc, INPUT_ERRORS + (PetftError, ValueError)):
-        return EXIT_USAGE  # other PetftErrors are setup problems (a missing extra, ...)
-    return EXIT_FAILURE
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {' '.join(message.split())} "
+                              f"(see '{self.prog} --help')\n")
 
 
 def one_line(exc: BaseException) -> str:
@@ -66,7 +54,40 @@ def existing_file(path: str, what: str) -> pathlib.Path:
     return found
 
 
+def existing_dir(path: str, what: str) -> pathlib.Path:
+    """``path`` as a Path, or a :class:`UsageError` if it is not an existing directory."""
+    found = pathlib.Path(path)
+    if not found.exists():
+        raise UsageError(f"{what} {path!r} does not exist")
+    if not found.is_dir():
+        raise UsageError(f"{what} {path!r} is not a directory")
+    return found
+
+
 # ---------------------------------------------------------------------- progress
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def step_bar(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr (context manager with ``update(n)``), or one that draws nothing
+    when ``quiet`` or without tqdm."""
+    if quiet:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+
+
 class EpochBar:
     """``progress(epoch, n_epochs)`` callback drawing a tqdm bar on stderr (or nothing)."""
 
@@ -114,7 +135,7 @@ def is_buffer(path: pathlib.Path) -> bool:
 
 def buffer_frames(path: pathlib.Path, variant: Optional[str] = None) -> List:
     """Labels of a buffer file (of ``variant`` when given; an error if it has none)."""
-    from .buffer import LabelBuffer
+    from ..buffer import LabelBuffer
 
     with LabelBuffer(path, mode="r") as buffer:
         if variant is not None and variant not in buffer.variants:
@@ -131,7 +152,7 @@ def file_frames(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
     ``import_file``), so a missing energy, a NaN or a wrong shape is a clear
     :class:`~ase_petft.LabelBufferError`. Forces are optional.
     """
-    from .buffer import LabelBuffer
+    from ..buffer import LabelBuffer
 
     with tempfile.TemporaryDirectory(prefix="petft-import-") as tmp:
         with LabelBuffer(pathlib.Path(tmp) / "labels.h5", mode="w-", require_forces=False,

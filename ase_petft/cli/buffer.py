@@ -11,10 +11,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ._cli_common import EXIT_OK, UsageError, existing_file, file_size
+from ._common import EXIT_OK, UsageError, existing_file, file_size
 
 
-def add_buffer_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "buffer", help="inspect a label buffer, export or import labels",
         description="Label buffers (.h5) hold reference labels with their provenance. "
@@ -62,7 +62,7 @@ def add_buffer_parser(sub) -> None:
 # ---------------------------------------------------------------------- info
 def buffer_summary(path: pathlib.Path) -> Dict[str, Any]:
     """Everything ``petft buffer info`` shows, as plain data."""
-    from .buffer import LabelBuffer
+    from ..buffer import LabelBuffer
 
     with LabelBuffer(path, mode="r") as buffer:
         variants = {v: _variant_summary(buffer.frames(variant=v)) for v in buffer.variants}
@@ -172,8 +172,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- export
 def run_export(args: argparse.Namespace) -> int:
-    from .buffer import LabelBuffer
-    from .variants import validate_variant
+    from ..buffer import LabelBuffer
+    from ..variants import validate_variant
 
     path = existing_file(args.file, "label buffer")
     variant = None if args.variant is None else validate_variant(args.variant)
@@ -194,7 +194,7 @@ def run_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- import
 def _settings_of(path: pathlib.Path, allow_missing_forces: bool) -> Dict[str, Any]:
     """Settings new labels must satisfy: the existing buffer's, or those to create it with."""
-    from .buffer import LabelBuffer
+    from ..buffer import LabelBuffer
 
     if path.exists():
         with LabelBuffer(path, mode="r") as buffer:
@@ -211,8 +211,8 @@ def _import_all(target, inputs: List[pathlib.Path], args: argparse.Namespace) ->
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from .buffer import LabelBuffer
-    from .variants import validate_variant
+    from ..buffer import LabelBuffer
+    from ..variants import validate_variant
 
     validate_variant(args.variant)
     inputs = [existing_file(name, "input file") for name in args.inputs]

@@ -69,12 +69,13 @@ Durability and concurrency
 * One ``LabelBuffer`` object may be shared by threads (an MD thread appending, a
   refit thread reading): its operations are serialised by a lock.
 
-Files written in SWMR mode need HDF5 >= 1.10 (h5py >= 2.5) to be read.
+Files written in SWMR mode need HDF5 >= 1.10 (h5py >= 2.5) to be read. The layers:
+``file`` (open, lock, create, recover), ``table`` (datasets and the append/read
+protocol), ``records`` (validation, Atoms <-> rows), ``exchange`` (files of ase.io).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 import os
@@ -87,13 +88,13 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from . import __version__
-from . import _exchange, _h5
-from . import _provenance as prov
-from ._records import check_variant, failure_record, label_record, pack_records, row_to_atoms
-from ._table import (VARIANT_BYTES, Table, check_settings, frame_intact, iter_blocks,
+from .. import __version__
+from .. import _provenance as prov
+from ..errors import LabelBufferError
+from . import exchange, file
+from .records import failure_record, label_record, pack_records, row_to_atoms
+from .table import (VARIANT_BYTES, Table, check_settings, frame_intact, iter_blocks,
                      normalise_elements, open_group)
-from .errors import LabelBufferError
 
 __all__ = ["LabelBuffer"]
 
@@ -144,7 +145,7 @@ class LabelBuffer:
             self._where = repr(str(self._path))
             if mode != "r":  # like `open(..., "a")` in a new run folder: create it
                 self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file, self._writer_lock, settings = _h5.open_path(self._path, mode=mode,
+            self._file, self._writer_lock, settings = file.open_path(self._path, mode=mode,
                                                                     layout=layout)
             self._root = self._file
         self._closed = False
@@ -253,16 +254,10 @@ class LabelBuffer:
         is written. Returns the new indices.
         """
         self._check_writable()
-        check_variant(variant, f"importing {str(path)!r}")
-        frames = _exchange.read_labelled(path, index=index, format=format, energy_key=energy_key,
-                                         forces_key=forces_key, stress_key=stress_key)
-        records = [
-            label_record(atoms, variant=variant,
-                         metadata={**info, **metadata, "source": str(path), "source_index": i},
-                         where=f"frame {i} of {str(path)!r}", allowed=self._allowed,
-                         require_forces=self._require_forces, version=__version__)
-            for i, (atoms, info) in enumerate(frames)
-        ]
+        records = exchange.read_records(
+            path, variant=variant, index=index, format=format, energy_key=energy_key,
+            forces_key=forces_key, stress_key=stress_key, metadata=metadata,
+            allowed=self._allowed, require_forces=self._require_forces, version=__version__)
         return self._commit_labels(records)
 
     def _commit(self, table: Table, records: list) -> range:
@@ -276,14 +271,8 @@ class LabelBuffer:
                                        f"{exc}); the frames were not committed.") from exc
 
     def _sync(self) -> None:
-        if not self._fsync:
-            return
-        if self._writer_lock is not None:
-            self._writer_lock.fsync()
-        else:
-            self._root.file.flush()
-            with contextlib.suppress(OSError):
-                _h5.fsync_path(self._path)
+        if self._fsync:
+            file.sync(self._root, self._path, self._writer_lock)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -377,7 +366,7 @@ class LabelBuffer:
         if not indices:
             raise LabelBufferError(f"{self._where} has no labels" +
                                    (f" of variant {variant!r} (it has {list(variants)})" if variant else ""))
-        return _exchange.write_extxyz(path, self._read(self._labels, indices))
+        return exchange.write_extxyz(path, self._read(self._labels, indices))
 
     # -- lifetime ------------------------------------------------------------------------
 

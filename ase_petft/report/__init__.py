@@ -31,8 +31,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import _generations as gens
-from .errors import PetftError
+from ..errors import InputError
+from ..learner import workdir as gens
+from ..learner.gate import evaluate_generation
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def load_run(workdir) -> Dict[str, Any]:
     history = gens.read_history(workdir)
     folders = sorted(workdir.glob("gen-[0-9][0-9][0-9][0-9]"))
     if not history and not folders:
-        raise PetftError(f"{str(workdir)!r} is not a learner work directory (no "
+        raise InputError(f"{str(workdir)!r} is not a learner work directory (no "
                          f"{gens.HISTORY} and no gen-NNNN folders); pass the workdir= "
                          "given to OnTheFlyLearner")
     metrics = {int(p.name[4:]): gens.read_json(p / "metrics.json") for p in folders}
@@ -161,7 +162,7 @@ def parity_data(workdir, buffer, variant: str, *, generations: Optional[Sequence
     :param generations: which generations (default: 0 and every accepted one, at most
         ``max_generations`` of them, always including the first and the last).
     """
-    from .buffer import LabelBuffer
+    from ..buffer import LabelBuffer
 
     workdir = pathlib.Path(workdir)
     if generations is None:
@@ -174,7 +175,7 @@ def parity_data(workdir, buffer, variant: str, *, generations: Optional[Sequence
         return {}
     out = {}
     for g in generations:
-        checkpoint = gens.gen_dir(workdir, g) / "model.ckpt"
+        checkpoint = gens.checkpoint_of(workdir, g)
         if not checkpoint.is_file():
             logger.warning("generation %d has no model.ckpt; skipped in the parity plot", g)
             continue
@@ -183,20 +184,9 @@ def parity_data(workdir, buffer, variant: str, *, generations: Optional[Sequence
 
 
 def _evaluate(checkpoint: pathlib.Path, variant: str, frames: list) -> Dict[str, Any]:
-    from .calculator import FineTunableCalculator
-
-    calc = FineTunableCalculator(checkpoint, variant=variant, inherit_from=None)
-    ref_f, pred_f, e_err = [], [], []
-    for frame in frames:
-        probe = frame.copy()
-        probe.calc = calc
-        pred_f.append(probe.get_forces())
-        ref_f.append(frame.get_forces())
-        e_err.append((probe.get_potential_energy() - frame.get_potential_energy()) / len(frame))
-    reference, predicted = np.concatenate(ref_f), np.concatenate(pred_f)
-    return {"reference": reference, "predicted": predicted, "n_frames": len(frames),
-            "forces_mae_meV_per_A": 1e3 * float(np.mean(np.abs(predicted - reference))),
-            "energy_mae_meV_per_atom": 1e3 * float(np.mean(np.abs(e_err)))}
+    errors, predicted = evaluate_generation(checkpoint, frames, variant)
+    return {"reference": np.concatenate([frame.get_forces() for frame in frames]),
+            "predicted": np.concatenate([p["forces"] for p in predicted]), **errors}
 
 
 # ---------------------------------------------------------------------- summary
@@ -252,7 +242,7 @@ def write_report(workdir, output_dir, *, buffer=None, variant: Optional[str] = N
     :param buffer: the run's label buffer (path) for the parity plot; None: no parity.
     :param variant: the learner's variant (default: read from the refits' metrics).
     """
-    from . import _report_plots as plots
+    from . import plots
 
     plots.require_matplotlib()
     run = load_run(workdir)
@@ -262,7 +252,7 @@ def write_report(workdir, output_dir, *, buffer=None, variant: Optional[str] = N
     parity: Dict[int, Dict[str, Any]] = {}
     if buffer is not None:
         if variant is None:
-            raise PetftError("cannot tell which variant the run trained (no finished "
+            raise InputError("cannot tell which variant the run trained (no finished "
                              "refit yet): pass variant=")
         parity = parity_data(run["workdir"], buffer, variant,
                              max_generations=max_parity_generations)

@@ -16,10 +16,10 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from . import _provenance as prov
-from ._table import ATOM_DTYPE, FRAME_DTYPE, VARIANT_BYTES
-from .errors import LabelBufferError, VariantError
-from .variants import validate_variant
+from .. import _provenance as prov
+from ..errors import LabelBufferError, VariantError
+from ..variants import validate_variant
+from .table import ATOM_DTYPE, FRAME_DTYPE, VARIANT_BYTES
 
 __all__ = ["Record", "label_record", "failure_record", "encode_metadata", "decode_metadata",
            "build_atoms", "pack_records", "row_to_atoms", "check_variant"]

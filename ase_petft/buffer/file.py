@@ -16,8 +16,8 @@ from typing import Optional
 import h5py
 from h5py import h5f, h5p
 
-from ._table import DATASETS, GROUPS, check_format, create_layout, ends, frame_intact
-from .errors import LabelBufferError
+from ..errors import LabelBufferError
+from .table import DATASETS, GROUPS, check_format, create_layout, ends, frame_intact
 
 try:  # POSIX advisory locks; without them a second writer is not detected
     import fcntl
@@ -159,6 +159,17 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def sync(root: h5py.Group, path: pathlib.Path, lock: Optional[WriterLock]) -> None:
+    """Put what was flushed to ``root``'s file on disk: through the writer's ``lock``
+    (its open descriptor), or by flushing and fsyncing ``path`` (a caller's h5py object)."""
+    if lock is not None:
+        lock.fsync()
+        return
+    root.file.flush()
+    with contextlib.suppress(OSError):
+        fsync_path(path)
 
 
 def fsync_path(path: pathlib.Path) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+from ..errors import ConfigError
+
 __all__ = [
     "StepContext", "Policy", "every", "uncertainty_above", "max_gap", "min_gap", "never",
     "always",
@@ -71,14 +73,14 @@ class Policy:
 
 def _check_policy(other) -> None:
     if not isinstance(other, Policy):
-        raise TypeError(
+        raise ConfigError(
             f"selection policies combine with other policies, got {type(other).__name__}"
         )
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -110,7 +112,7 @@ def uncertainty_above(threshold_eV_per_atom: float) -> Policy:
     """
     threshold = float(threshold_eV_per_atom)
     if not threshold > 0:
-        raise ValueError(f"uncertainty threshold must be > 0 eV/atom, got {threshold!r}")
+        raise ConfigError(f"uncertainty threshold must be > 0 eV/atom, got {threshold!r}")
 
     def predicate(ctx: StepContext) -> bool:
         sigma = ctx.uncertainty

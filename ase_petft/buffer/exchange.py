@@ -17,13 +17,29 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from . import _provenance as prov
-from ._records import encode_metadata
-from .errors import LabelBufferError
+from .. import _provenance as prov
+from ..errors import LabelBufferError
+from .records import check_variant, encode_metadata, label_record
 
-__all__ = ["read_labelled", "write_extxyz"]
+__all__ = ["read_records", "read_labelled", "write_extxyz"]
 
 logger = logging.getLogger(__name__)
+
+
+def read_records(path, *, variant: str, index, format: Optional[str],
+                 energy_key: Optional[str], forces_key: Optional[str],
+                 stress_key: Optional[str], metadata: dict, allowed, require_forces: bool,
+                 version: str) -> list:
+    """Validated records of every labelled structure in ``path`` (``import_file``):
+    their JSON-able ``info`` plus ``metadata``, ``source`` and ``source_index``."""
+    check_variant(variant, f"importing {str(path)!r}")
+    frames = read_labelled(path, index=index, format=format, energy_key=energy_key,
+                           forces_key=forces_key, stress_key=stress_key)
+    return [label_record(atoms, variant=variant,
+                         metadata={**info, **metadata, "source": str(path), "source_index": i},
+                         where=f"frame {i} of {str(path)!r}", allowed=allowed,
+                         require_forces=require_forces, version=version)
+            for i, (atoms, info) in enumerate(frames)]
 
 
 def read_labelled(path, *, index, format: Optional[str], energy_key: Optional[str],

@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .errors import PetftError
+from ..errors import InputError
 
 ACCEPTED, REJECTED, RUNNING = "#2a9d4b", "#d1495b", "#6c757d"
 SWAP = "#3b6fb6"
@@ -17,7 +17,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise PetftError("the report needs matplotlib: pip install 'ase-petft[plots]'") from exc
+        raise InputError("the report needs matplotlib: pip install 'ase-petft[plots]'") from exc
 
 
 def _figure(rows: int, cols: int = 1, *, size=(7.0, 4.0), **kwargs):

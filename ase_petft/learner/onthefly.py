@@ -36,15 +36,16 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from . import _generations as gens
-from .errors import LabellingError, PetftError
-from .selection import (  # noqa: F401  (re-exported: policies live with the learner)
-    Policy, StepContext, always, every, max_gap, min_gap, never, uncertainty_above,
-)
+from ..errors import ConfigError, LabellingError
+from . import gate
+from . import workdir as wd
+from .gate import GateConfig, HarmSet
+from .selection import Policy, StepContext, every
+from .watchdog import SimulationUnstableError, Watchdog, WatchdogConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnTheFlyLearner", "every", "uncertainty_above", "max_gap", "min_gap", "Policy"]
+__all__ = ["OnTheFlyLearner"]
 
 
 class OnTheFlyLearner:
@@ -70,17 +71,39 @@ class OnTheFlyLearner:
         cells when listed).
     :param refit_threads: torch threads of a background refit (1 keeps the MD fast on
         small machines; see DESIGN.md, thread trap).
+    :param dynamics: the ASE dynamics/optimiser this learner observes (as ASE's
+        ``MDLogger`` takes it): labels and events record its ``nsteps``. Without it,
+        steps count observer calls (wrong with ``dyn.attach(learner, interval=k > 1)``).
+        :meth:`attach` sets it and attaches in one call.
+    :param watchdog: a :class:`~ase_petft.learner.watchdog.WatchdogConfig`: when the
+        simulation counts as unphysical and what happens then (default: roll back to
+        the last generation that ran healthily and restore the last healthy structure;
+        no reference call is ever made on an unphysical structure).
+    :param gate: a :class:`~ase_petft.learner.gate.GateConfig`: the stability probe and
+        the do-no-harm bound every refit must pass besides the held-out labels and the
+        anchor set (the labels held out before the first refit, a yardstick that does
+        not drift with the trajectory).
     """
 
     def __init__(self, calc, reference, buffer, *, select: Optional[Policy] = None,
                  refit_every: int = 10, config=None, background: bool = True,
                  holdout_fraction: float = 0.2, max_labels: Optional[int] = None,
                  workdir=None, atoms=None, executor=None, tolerance: float = 0.0,
-                 properties=("energy", "forces"), refit_threads: Optional[int] = 1) -> None:
-        from .config import FineTuneConfig
+                 properties=("energy", "forces"), refit_threads: Optional[int] = 1,
+                 dynamics=None, watchdog: Optional[WatchdogConfig] = None,
+                 gate: Optional[GateConfig] = None) -> None:
+        from ..config import FineTuneConfig
 
         _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
                   max_labels, tolerance)
+        watchdog = WatchdogConfig() if watchdog is None else watchdog
+        if not isinstance(watchdog, WatchdogConfig):
+            raise ConfigError(f"watchdog must be a WatchdogConfig, got {type(watchdog).__name__}")
+        self.watchdog = Watchdog(watchdog)
+        self.gate = GateConfig() if gate is None else gate
+        if not isinstance(self.gate, GateConfig):
+            raise ConfigError(f"gate must be a GateConfig, got {type(self.gate).__name__}")
+        self._harm = None
         self.calc, self.reference, self.buffer = calc, reference, buffer
         self.select = select if select is not None else every(10)
         self.refit_every, self.background = int(refit_every), bool(background)
@@ -94,7 +117,8 @@ class OnTheFlyLearner:
         self._atoms, self._executor = atoms, executor
         self._own_executor = None
         self._future: Optional[concurrent.futures.Future] = None
-        self._step, self._since_label = 0, 0
+        self._step, self._calls, self._since_label = 0, 0, 0
+        self._dynamics = dynamics
         self.history: List[Dict[str, Any]] = []
         self.reference_calls = 0
         self._resume()
@@ -109,36 +133,41 @@ class OnTheFlyLearner:
         return self._future is not None and not self._future.done()
 
     def _frames(self) -> list:
-        return list(self.buffer.frames(variant=self.variant))
+        """This variant's labels, in memory (read from the buffer once, on resume)."""
+        return list(self._labels)
 
     def _resume(self) -> None:
+        self._labels = list(self.buffer.frames(variant=self.variant))
         frames = self._frames()
         self._known = {_structure_key(a) for a in frames}
         self._n_labels = len(frames)
         self._n_holdout = sum(bool(a.info.get("holdout")) for a in frames)
-        done = gens.decisions(self.workdir)
+        done = wd.decisions(self.workdir)
         self._labels_at_refit = max((d["n_labels_total"] for d in done), default=0)
-        self._attempt = gens.last_number(self.workdir)
+        first = min((d["n_labels_total"] for d in done), default=None)
+        self._anchor = None if first is None else tuple(
+            a for a in frames[:first] if a.info.get("holdout"))
+        self._attempt = wd.last_number(self.workdir)
         self._restore_generation(done)
         self._refit_uncertainty(frames)
 
     def _restore_generation(self, done) -> None:
-        current = gens.read_json(self.workdir / gens.CURRENT)
+        current = wd.read_json(self.workdir / wd.CURRENT)
         accepted = [d["generation"] for d in done if d.get("accepted")]
         target = current["generation"] if current and current.get("rollback") else None
         if target is None and accepted:
             target = max(accepted)
         if target:
-            path = gens.gen_dir(self.workdir, target) / "model.ckpt"
+            path = wd.gen_dir(self.workdir, target) / "model.ckpt"
             self.calc.swap_model(path, generation=target)
             self._event("resume", generation=target, n_labels=self._n_labels)
             logger.info("resumed from generation %d with %d labels", target, self._n_labels)
-        elif not (gens.gen_dir(self.workdir, 0) / "model.ckpt").is_file():
-            self.calc.save_checkpoint(gens.gen_dir(self.workdir, 0) / "model.ckpt")
+        elif not (wd.gen_dir(self.workdir, 0) / "model.ckpt").is_file():
+            self.calc.save_checkpoint(wd.gen_dir(self.workdir, 0) / "model.ckpt")
 
     def _current_checkpoint(self) -> pathlib.Path:
         generation = self.calc.generation
-        path = gens.gen_dir(self.workdir, generation) / "model.ckpt"
+        path = wd.gen_dir(self.workdir, generation) / "model.ckpt"
         if not path.is_file():  # swapped from elsewhere: snapshot the live weights
             self.calc.save_checkpoint(path)
         return path
@@ -146,9 +175,12 @@ class OnTheFlyLearner:
     # ------------------------------------------------------------------ observer
     def __call__(self) -> None:
         self._collect_refit()
-        self._step += 1
+        self._calls += 1
+        self._step = self._md_step()
         atoms = self._current_atoms()
-        ctx = StepContext(step=self._step, steps_since_label=self._since_label + 1,
+        if not self._healthy(atoms):
+            return
+        ctx = StepContext(step=self._calls, steps_since_label=self._since_label + 1,
                           n_labels=self._n_labels,
                           _uncertainty=lambda: self._uncertainty(atoms))
         budget_left = self.max_labels is None or self._n_labels < self.max_labels
@@ -158,23 +190,72 @@ class OnTheFlyLearner:
             self._since_label += 1
         self._maybe_refit()
 
+    def attach(self, dynamics, interval: int = 1) -> "OnTheFlyLearner":
+        """``dynamics.attach(self, interval)``, recording ``dynamics.nsteps`` as steps."""
+        self._dynamics = dynamics
+        dynamics.attach(self, interval=interval)
+        return self
+
+    def _healthy(self, atoms) -> bool:
+        results = dict(self.calc.results) if self.calc.atoms is not None else {}
+        reason = self.watchdog.check(atoms, results, dynamics=self._dynamics)
+        if reason is None:
+            self.watchdog.healthy(atoms, step=self._step, generation=self.calc.generation)
+            return True
+        self._unphysical(reason)
+        return False
+
+    def _unphysical(self, reason: str) -> None:
+        """Roll back model and structure (or stop): no reference call on debris."""
+        config = self.watchdog.config
+        self._event("unphysical", reason=reason)
+        logger.warning("step %d: the simulation is unphysical: %s", self._step, reason)
+        if config.on_unphysical == "stop" or self.watchdog.rollbacks_in_a_row >= config.max_rollbacks:
+            raise SimulationUnstableError(
+                f"the simulation went unphysical at step {self._step}: {reason}"
+                + ("" if config.on_unphysical == "stop" else
+                   f" (after {self.watchdog.rollbacks_in_a_row} rollbacks in a row)")
+                + f". Labels and generations are kept in {str(self.workdir)!r}; restart "
+                "from the last good structure with a smaller timestep or a safer config")
+        good = self.watchdog.good_generation
+        if self.calc.generation != good:
+            self.rollback(good)
+        live = self._live_atoms()
+        if live is None:
+            logger.warning("no atoms to restore (attach the learner with "
+                           "learner.attach(dyn) or pass atoms=); only the model was rolled back")
+            return
+        snap = self.watchdog.restore(live)
+        self.calc.reset()
+        self._since_label = 0
+        self._event("restored", from_step=snap.step, generation=self.calc.generation)
+
+    def _live_atoms(self):
+        if self._atoms is not None:
+            return self._atoms
+        return getattr(self._dynamics, "atoms", None)
+
+    def _md_step(self) -> int:
+        nsteps = getattr(self._dynamics, "nsteps", None)
+        return int(nsteps) if nsteps is not None else self._calls
+
     def _current_atoms(self):
         atoms = self._atoms if self._atoms is not None else self.calc.atoms
         if atoms is None:
-            raise PetftError(
+            raise ConfigError(
                 "the learner found no structure: attach it to dynamics that use this "
                 "calculator, or pass atoms= to OnTheFlyLearner"
             )
         return atoms.copy()
 
     def _uncertainty(self, atoms) -> Optional[float]:
-        if not self.calc._uncertainty.fitted:
+        if not self.calc.uncertainty_fitted:
             return None
         return float(self.calc.get_energy_uncertainty(atoms))
 
     # ------------------------------------------------------------------ labelling
     def _label(self, atoms, ctx: StepContext) -> None:
-        from .labelling import label
+        from ..labelling import label
 
         key = _structure_key(atoms)
         self._since_label = 0
@@ -188,14 +269,17 @@ class OnTheFlyLearner:
         except LabellingError as exc:
             self.buffer.record_failure(exc.atoms if exc.atoms is not None else atoms,
                                        error=exc, variant=self.variant, step=self._step)
+            self.watchdog.failures_in_a_row += 1
             self._event("label_failed", error=str(exc)[:300])
             logger.warning("reference failed at step %d (recorded): %s", self._step, exc)
             return
+        self.watchdog.failures_in_a_row = 0
         holdout = self._next_is_holdout()
         predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
-        self.buffer.append(labelled, variant=self.variant, step=self._step,
-                           generation=self.calc.generation, holdout=holdout,
-                           predicted_energy=predicted, uncertainty=_maybe(ctx))
+        index = self.buffer.append(labelled, variant=self.variant, step=self._step,
+                                   generation=self.calc.generation, holdout=holdout,
+                                   predicted_energy=predicted, uncertainty=_maybe(ctx))
+        self._labels.append(self.buffer[index])  # one frame back, as every reader sees it
         self._known.add(key)
         self._n_labels += 1
         self._n_holdout += int(holdout)
@@ -243,15 +327,17 @@ class OnTheFlyLearner:
         if len(train) < max(2, self.config.min_frames):
             return
         self._attempt += 1
-        spec = gens.RefitSpec(
+        spec = gate.RefitSpec(
             source_checkpoint=self._current_checkpoint(),
             source_generation=self.calc.generation, train=train, holdout=holdout,
             variant=self.variant, config=self.config,
-            output_dir=gens.gen_dir(self.workdir, self._attempt),
+            output_dir=wd.gen_dir(self.workdir, self._attempt),
             generation=self._attempt, tolerance=self.tolerance,
             n_labels_total=self._n_labels,
             preload=self._executor is None or isinstance(
                 self._executor, concurrent.futures.ThreadPoolExecutor),
+            anchor=self._anchor_set(holdout), harm=self._harm_set(train),
+            probe_atoms=self._probe_atoms(), gate=self.gate,
         )
         self._labels_at_refit = self._n_labels
         self._event("refit_start", generation=self._attempt, n_train=len(train),
@@ -260,6 +346,44 @@ class OnTheFlyLearner:
             self._finish(_safe_refit(spec, None))
             return
         self._future = self._pool().submit(_safe_refit, spec, self.refit_threads)
+
+    def _anchor_set(self, holdout) -> tuple:
+        if self._anchor is None:  # fixed at the first refit, never moves afterwards
+            self._anchor = tuple(holdout)
+        return self._anchor
+
+    def _harm_set(self, train) -> Optional[HarmSet]:
+        """Rattled copies of the first labelled structures with the forces of the model
+        this run started from (computed once, between two steps), and the bound."""
+        if self._harm is not None or not train:
+            return self._harm
+        rng = np.random.default_rng(0)
+        frames, forces, gaps = [], [], []
+        for labelled in train[:4]:
+            probe = labelled.copy()
+            probe.calc = self.calc
+            gaps.append(np.abs(probe.get_forces() - labelled.get_forces()).mean())
+            for _ in range(2):
+                copy = labelled.copy()
+                copy.calc = None
+                copy.positions += rng.normal(0.0, 0.05, copy.positions.shape)
+                copy.calc = self.calc
+                forces.append(copy.get_forces().copy())
+                copy.calc = None
+                frames.append(copy)
+        bound = self.gate.harm_factor * max(float(np.mean(gaps)), 0.05)
+        self._harm = HarmSet(frames=frames, forces=forces, bound_eV_per_A=bound)
+        return self._harm
+
+    def _probe_atoms(self):
+        live = self._live_atoms()
+        if live is None:
+            live = self.calc.atoms
+        if live is None or not live.has("momenta"):
+            return None
+        probe = live.copy()
+        probe.calc = None
+        return probe
 
     def _pool(self) -> concurrent.futures.Executor:
         if self._executor is not None:
@@ -291,6 +415,7 @@ class OnTheFlyLearner:
             logger.info("refit %d rejected: %s", outcome.generation, outcome.reason)
             return
         jump = self._swap(outcome)
+        self.watchdog.model_changed()
         self._event("swap", energy_jump_eV=jump, **row)
         logger.info("swapped in generation %d (%s); energy jump %.4g eV",
                     outcome.generation, outcome.reason, jump if jump is not None else 0.0)
@@ -299,12 +424,9 @@ class OnTheFlyLearner:
     def _swap(self, outcome, *, rollback: bool = False) -> Optional[float]:
         atoms = self._atoms if self._atoms is not None else self.calc.atoms
         before = self.calc.results.get("energy") if atoms is not None else None
-        if outcome.model is not None:
-            self.calc._swap_from_model(outcome.model, outcome.checkpoint_path,
-                                       generation=outcome.generation)
-        else:
-            self.calc.swap_model(outcome.checkpoint_path, generation=outcome.generation)
-        gens.write_json(self.workdir / gens.CURRENT,
+        self.calc.swap_model(outcome.checkpoint_path, model=outcome.model,
+                             generation=outcome.generation)
+        wd.write_json(self.workdir / wd.CURRENT,
                         {"generation": outcome.generation, "rollback": rollback})
         if atoms is None or before is None:
             return None
@@ -314,19 +436,20 @@ class OnTheFlyLearner:
 
     def rollback(self, generation: Optional[int] = None) -> int:
         """Swap an earlier accepted generation (default: the one before the current)."""
-        accepted = sorted({0} | {d["generation"] for d in gens.decisions(self.workdir)
+        accepted = sorted({0} | {d["generation"] for d in wd.decisions(self.workdir)
                                  if d.get("accepted")})
         if generation is None:
             earlier = [g for g in accepted if g < self.calc.generation]
             if not earlier:
-                raise PetftError(f"no generation before {self.calc.generation} to roll back to")
+                raise ConfigError(f"no generation before {self.calc.generation} to roll back to")
             generation = earlier[-1]
         if generation not in accepted:
-            raise PetftError(f"generation {generation} was never accepted; accepted: {accepted}")
-        path = gens.gen_dir(self.workdir, generation) / "model.ckpt"
-        outcome = gens.RefitOutcome(generation=generation, accepted=True, reason="rollback",
+            raise ConfigError(f"generation {generation} was never accepted; accepted: {accepted}")
+        path = wd.gen_dir(self.workdir, generation) / "model.ckpt"
+        outcome = gate.RefitOutcome(generation=generation, accepted=True, reason="rollback",
                                     decision={}, checkpoint_path=path)
         jump = self._swap(outcome, rollback=True)
+        self.watchdog.model_changed()
         self._event("rollback", generation=generation, energy_jump_eV=jump)
         return generation
 
@@ -354,7 +477,7 @@ class OnTheFlyLearner:
         row = {"step": self._step, "event": event, "generation": self.calc.generation,
                "n_labels": self._n_labels, "time": time.time(), **fields}
         self.history.append(row)
-        gens.append_history(self.workdir, row)
+        wd.append_history(self.workdir, row)
 
 
 def _maybe(ctx: StepContext) -> Optional[float]:
@@ -376,7 +499,7 @@ def _safe_refit(spec, threads: Optional[int]):
             import torch
 
             torch.set_num_threads(threads)  # this worker thread's OpenMP team only
-        return gens.run_refit(spec)
+        return gate.run_refit(spec)
     except Exception as exc:
         logger.debug("refit failed", exc_info=True)
         return exc
@@ -384,22 +507,22 @@ def _safe_refit(spec, threads: Optional[int]):
 
 def _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
               max_labels, tolerance) -> None:
-    from .calculator import FineTunableCalculator
+    from ..calculator import FineTunableCalculator
 
     if not isinstance(calc, FineTunableCalculator):
-        raise PetftError(f"calc must be a FineTunableCalculator, got {type(calc).__name__}")
+        raise ConfigError(f"calc must be a FineTunableCalculator, got {type(calc).__name__}")
     if not hasattr(reference, "calculate") or isinstance(reference, FineTunableCalculator):
-        raise PetftError("reference must be an ASE calculator giving reference labels "
+        raise ConfigError("reference must be an ASE calculator giving reference labels "
                          f"(DFT, xTB, ...), got {type(reference).__name__}")
     if not hasattr(buffer, "append") or getattr(buffer, "mode", "a") == "r":
-        raise PetftError("buffer must be a LabelBuffer opened for writing (mode 'a' or 'w-')")
+        raise ConfigError("buffer must be a LabelBuffer opened for writing (mode 'a' or 'w-')")
     if select is not None and not isinstance(select, Policy):
-        raise PetftError(f"select must be a selection policy such as every(10), got {select!r}")
+        raise ConfigError(f"select must be a selection policy such as every(10), got {select!r}")
     if isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1:
-        raise PetftError(f"refit_every must be a positive integer, got {refit_every!r}")
+        raise ConfigError(f"refit_every must be a positive integer, got {refit_every!r}")
     if not 0.0 <= float(holdout_fraction) <= 0.5:
-        raise PetftError(f"holdout_fraction must be in [0, 0.5], got {holdout_fraction!r}")
+        raise ConfigError(f"holdout_fraction must be in [0, 0.5], got {holdout_fraction!r}")
     if max_labels is not None and (not isinstance(max_labels, int) or max_labels < 1):
-        raise PetftError(f"max_labels must be None or a positive integer, got {max_labels!r}")
+        raise ConfigError(f"max_labels must be None or a positive integer, got {max_labels!r}")
     if not float(tolerance) >= 0.0:
-        raise PetftError(f"tolerance must be >= 0, got {tolerance!r}")
+        raise ConfigError(f"tolerance must be >= 0, got {tolerance!r}")

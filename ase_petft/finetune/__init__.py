@@ -3,10 +3,13 @@
 ``finetune(checkpoint, frames, variant=..., config=..., output_dir=...)`` refits one
 energy variant on labelled ``ase.Atoms`` and writes a *generation directory*::
 
-    output_dir/model.ckpt     metatrain checkpoint (best epoch; mtt export/eval read it)
-    output_dir/model.pt       exported metatomic model (LAMMPS, i-PI, ASE)
-    output_dir/config.json    the FineTuneConfig and run facts
-    output_dir/metrics.json   validation errors before/after (meV/atom, meV/Å, meV/Å³)
+    output_dir/model.ckpt  model.pt  config.json  metrics.json
+
+(see :mod:`ase_petft.finetune.generation`). The package's modules: ``prepare`` (checks
+before training: labels, elements, variants, split), ``data`` (labels per variant,
+replay), ``run`` (new-variant set-up, solver, metrics, divergence) and ``generation``
+(the directory format). Only ``run``/``prepare`` call metatrain, through
+``ase_petft._metatrain``.
 
 Data:
 
@@ -27,8 +30,10 @@ DESIGN.md §5, scale and composition traps). ``FineTuneConfig(new_variant_baseli
 "metatrain")`` restores metatrain's behaviour. LoRA adapters are merged into the
 weights, so every checkpoint is a plain PET.
 
-The input checkpoint is never written; on failure a :class:`FineTuneError` is raised
-(cause chained) and ``output_dir`` holds no new ``model.ckpt``. Logging goes through
+The input checkpoint is never written. Bad input raises an
+:class:`~ase_petft.errors.InputError` (``TrainingDataError``, ``ConfigError``,
+``CheckpointError``, ``VariantError``) before any training; a failed run raises
+:class:`FineTuneError` (cause chained) and ``output_dir`` holds no new ``model.ckpt``. Logging goes through
 ``logging`` (metatrain's own chatter is routed to ``ase_petft._metatrain.training.trainer``
 at DEBUG); torch thread counts are not changed (set ``OMP_NUM_THREADS`` or
 ``torch.set_num_threads`` yourself; see DESIGN.md §5, thread trap).
@@ -36,7 +41,6 @@ at DEBUG); torch thread counts are not changed (set ``OMP_NUM_THREADS`` or
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -44,18 +48,15 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
-
-from .config import FineTuneConfig, FineTuneResult
-from .errors import FineTuneError, PetftError
-from .variants import validate_variant
+from ..config import FineTuneConfig, FineTuneResult
+from ..errors import ConfigError, FineTuneError, PetftError
+from ..variants import validate_variant
+from .generation import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, check_output_dir,
+                         write_generation, write_json)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["finetune", "finetune_calculator", "FineTuneConfig", "FineTuneResult"]
-
-CHECKPOINT_NAME = "model.ckpt"
-MODEL_NAME = "model.pt"
 
 Progress = Callable[[int, int], None]
 
@@ -63,7 +64,8 @@ Progress = Callable[[int, int], None]
 def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
              config: Optional[FineTuneConfig] = None, output_dir: os.PathLike | str,
              replay=None, generation: Optional[int] = None,
-             progress: Optional[Progress] = None, export: bool = True) -> FineTuneResult:
+             progress: Optional[Progress] = None, export: bool = True,
+             overwrite: bool = False, validation=None) -> FineTuneResult:
     """Fine-tune ``variant`` of a PET checkpoint on labelled frames, in-process.
 
     :param checkpoint: metatrain PET checkpoint (trusted pickle); never modified.
@@ -75,27 +77,44 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
     :param replay: labels of other variants trained together (see module doc).
     :param generation: generation number recorded in the result, if known.
     :param progress: ``progress(epoch, num_epochs)`` called after each SGD epoch.
-    :param export: also write the exported metatomic ``model.pt``.
-    :raises FineTuneError: too few/unlabelled frames, unknown elements, a variant
-        without labels, divergence or NaN weights; the cause is chained.
+    :param export: also write the exported metatomic ``model.pt`` (verified).
+    :param overwrite: replace a generation already in ``output_dir``.
+    :param validation: labelled frames of ``variant`` that are never trained on; they
+        pick the best SGD epoch and give the reported metrics, and no other labels are
+        held out (``config.validation_fraction`` is then not used).
+    :raises InputError: bad input (too few/unlabelled frames, unknown elements, a
+        variant without labels, a bad config or checkpoint), before any training.
+    :raises FineTuneError: the run failed (divergence, NaN weights); cause chained.
     """
-    from ._metatrain import engine
+    result, _ = finetune_with_model(
+        checkpoint, frames, variant=variant, config=config, output_dir=output_dir,
+        replay=replay, generation=generation, progress=progress, export=export,
+        overwrite=overwrite, validation=validation)
+    return result
+
+
+def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output_dir,
+                        replay=None, generation=None, progress=None, export=True,
+                        overwrite=False, validation=None):
+    """:func:`finetune`, also returning the trained PET module (in-process callers
+    swap it into a calculator without reading the checkpoint back)."""
+    from . import prepare, run as engine
 
     start = time.perf_counter()
     config = FineTuneConfig() if config is None else config
     if not isinstance(config, FineTuneConfig):
-        raise FineTuneError(f"config must be a FineTuneConfig, got {type(config).__name__}")
+        raise ConfigError(f"config must be a FineTuneConfig, got {type(config).__name__}")
     variant = validate_variant(variant)
     checkpoint = pathlib.Path(checkpoint).resolve()
     output_dir = pathlib.Path(output_dir).resolve()
-    _check_paths(checkpoint, output_dir)
-    run = engine.prepare_run(checkpoint, frames, variant=variant, config=config,
-                             replay=replay)
+    check_output_dir(checkpoint, output_dir, overwrite=overwrite)
+    run = prepare.prepare_run(checkpoint, frames, variant=variant, config=config,
+                              replay=replay, validation=validation)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".scratch-") as scratch:
             trained = engine.train(run, scratch_dir=scratch, progress=progress)
-        paths = _write_generation(trained, output_dir, export=export)
+        paths = write_generation(trained, output_dir, export=export)
     except PetftError:
         raise
     except Exception as exc:  # metatrain/torch failures: say what was being done
@@ -109,10 +128,10 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
         n_train=trained.n_train, n_val=trained.n_val, metrics=trained.metrics,
         wall_time_s=wall, variant=variant, dropped_variants=tuple(trained.dropped),
     )
-    _write_json(output_dir / "metrics.json", {**result.to_dict(), "config": config.to_dict()})
+    write_json(output_dir / METRICS_NAME, {**result.to_dict(), "config": config.to_dict()})
     logger.info("fine-tuned %s (%s/%s) in %.1f s: %s", variant, config.method,
                 config.effective_solver, wall, _summary(trained.metrics))
-    return result
+    return result, trained.model
 
 
 def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *,
@@ -136,10 +155,9 @@ def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *
     result = finetune(source, frames, variant=calc.variant, config=config,
                       output_dir=output_dir, replay=replay, generation=generation,
                       progress=progress, export=True)
-    from ._metatrain import load_model
-
-    new_model = load_model(result.checkpoint_path)
-    swapped = calc._swap_from_model(new_model, result.checkpoint_path)
+    # from the written checkpoint, so that the running model equals it exactly (the
+    # in-memory module after export differs by float32 rounding)
+    swapped = calc.swap_model(result.checkpoint_path)
     if swapped != generation:
         logger.warning("calculator reports generation %d after the swap, expected %d",
                        swapped, generation)
@@ -147,53 +165,6 @@ def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_paths(checkpoint: pathlib.Path, output_dir: pathlib.Path) -> None:
-    if not checkpoint.is_file():
-        raise FineTuneError(f"checkpoint {str(checkpoint)!r} does not exist; pass the "
-                            "path of a metatrain PET checkpoint (.ckpt)")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FineTuneError(f"output_dir {str(output_dir)!r} exists and is not a directory")
-    for name in (CHECKPOINT_NAME, MODEL_NAME):
-        if (output_dir / name).resolve() == checkpoint:
-            raise FineTuneError(
-                f"output_dir {str(output_dir)!r} would overwrite the input checkpoint "
-                f"{str(checkpoint)!r}; write each generation to a new directory"
-            )
-
-
-def _write_generation(trained, output_dir: pathlib.Path, *, export: bool):
-    from . import _metatrain
-    from ._metatrain.engine import save_exported
-
-    ckpt = _metatrain.save_checkpoint(trained.model, output_dir / CHECKPOINT_NAME)
-    model_path = None
-    if export:  # export() puts the module in eval mode, requires_grad False: do it last
-        model_path = output_dir / MODEL_NAME
-        tmp = output_dir / ("tmp-" + MODEL_NAME)
-        save_exported(trained.model, tmp)
-        os.replace(tmp, model_path)
-    _write_json(output_dir / "config.json", {
-        "config": trained.config.to_dict(), "variant": trained.variant,
-        "source_checkpoint": str(trained.source), "variants": trained.variants,
-        "dropped_variants": trained.dropped, "best_epoch": trained.best_epoch,
-    })
-    return ckpt, model_path
-
-
-def _write_json(path: pathlib.Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (pathlib.Path,)):
-        return str(value)
-    return repr(value)
-
-
 def _summary(metrics: Dict[str, Any]) -> str:
     before, after = metrics.get("before", {}), metrics.get("after", {})
     parts: List[str] = []
@@ -201,6 +172,7 @@ def _summary(metrics: Dict[str, Any]) -> str:
         if key in after:
             parts.append(f"{key} {before.get(key, float('nan')):.3g} -> {after[key]:.3g}")
     return ", ".join(parts) or "no validation metrics"
+
 
 
 def _default_generation_dir(calc, generation: int) -> pathlib.Path:

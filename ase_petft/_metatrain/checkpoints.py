@@ -1,0 +1,105 @@
+"""metatrain checkpoints: read (trusted pickles), build the PET, write atomically.
+
+Only load checkpoints you trust: they are Python pickles (``torch.load`` with
+``weights_only=False`` is required by metatrain's checkpoint format).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pathlib
+from typing import Any, Dict
+
+import torch
+
+from ..errors import CheckpointError
+from ._state import ARCHITECTURE, pet_class, preserved_logger_class
+
+logger = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
+    """Load a metatrain checkpoint dict (a trusted pickle) and check it is a PET."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not exist; pass the path of a "
+            "metatrain PET checkpoint (.ckpt) written by 'mtt train' or ase_petft"
+        )
+    pet_class()  # registers metatomic/metatensor TorchScript classes the pickle uses
+    try:
+        with preserved_logger_class():
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointError(
+            f"could not read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}. "
+            "Expected a metatrain checkpoint (.ckpt) as written by 'mtt train'; an "
+            "exported metatomic model (.pt) cannot be fine-tuned"
+        ) from exc
+    if isinstance(ckpt, torch.jit.ScriptModule) or not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{str(path)!r} is an exported metatomic model (.pt), not a metatrain "
+            "checkpoint; fine-tuning needs the .ckpt it was exported from"
+        )
+    if "architecture_name" not in ckpt:
+        raise CheckpointError(
+            f"{str(path)!r} is not a metatrain checkpoint (no 'architecture_name'); "
+            "expected a PET .ckpt written by 'mtt train' or ase_petft"
+        )
+    if ckpt["architecture_name"] != ARCHITECTURE:
+        raise CheckpointError(
+            f"{str(path)!r} holds a {ckpt['architecture_name']!r} model; ase_petft "
+            f"fine-tunes PET models only (architecture_name {ARCHITECTURE!r})"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Dict[str, Any], *, source: str = "checkpoint"):
+    """A PET model with the *best* weights of ``ckpt`` (upgraded if it is old)."""
+    pet_class()
+    from metatrain.utils.io import model_from_checkpoint as _mtt_load
+
+    from .training import routed_logs
+
+    try:
+        with preserved_logger_class(), routed_logs():
+            model = _mtt_load(copy.copy(ckpt), context="finetune")
+    except Exception as exc:
+        raise CheckpointError(
+            f"metatrain could not build a PET model from {source}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    from .training import merge_lora
+
+    if merge_lora(model):  # e.g. an `mtt train` LoRA run: W + (alpha/rank) B A
+        model.finetune_config = {}
+        logger.info("merged the LoRA adapters of %s into plain PET weights", source)
+    return model
+
+
+def load_model(path: os.PathLike | str):
+    """Read a checkpoint file and build its PET model (best weights)."""
+    return model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))
+
+
+def checkpoint_dict(model) -> Dict[str, Any]:
+    """A metatrain checkpoint dict of ``model`` (readable by ``mtt export/eval``)."""
+    with preserved_logger_class():
+        ckpt = model.get_checkpoint()
+    ckpt["best_epoch"] = ckpt.get("best_epoch") or 0
+    ckpt["epoch"] = ckpt.get("epoch") or 0
+    return ckpt
+
+
+def save_checkpoint(model, path: os.PathLike | str) -> pathlib.Path:
+    """Write ``model`` as a metatrain checkpoint, atomically (tmp file + rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint_dict(model), tmp)
+    os.replace(tmp, path)
+    return path
+
+

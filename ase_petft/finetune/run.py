@@ -1,0 +1,157 @@
+"""One fine-tuning run after its checks: new-variant set-up, solver, metrics, divergence.
+
+``train`` runs the chosen solver (the closed-form heads refit or metatrain's trainer,
+both through the adapter) on a prepared :class:`~ase_petft.finetune.prepare.Run` and
+returns the trained model with its metrics. Called by :func:`ase_petft.finetune.finetune`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import _metatrain
+from ..config import FineTuneConfig
+from ..errors import FineTuneError
+from ..labels import Label, reference_dicts
+from ..metrics import error_metrics
+from .prepare import Run
+from .solver import StructureRows, solve
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Trained:
+    model: Any
+    variant: str
+    config: FineTuneConfig
+    source: pathlib.Path
+    n_train: int
+    n_val: int
+    metrics: Dict[str, Any]
+    dropped: List[str]
+    variants: List[str]
+    best_epoch: Optional[int]
+
+
+# ---------------------------------------------------------------------- training
+def train(run: Run, *, scratch_dir: str, progress=None) -> Trained:
+    config, model = run.config, run.model
+    replay_names = [v for v in run.train if v != run.variant]
+    eval_sets = _eval_sets(run)
+    before = {name: _errors(model, labels, name if name in _metatrain.energy_variants(model)
+                            else run.parent) for name, labels in eval_sets.items()}
+    before_variants = _metatrain.energy_variants(model)
+    with _metatrain.seeded(config.seed):
+        if run.parent is not None and config.new_variant_baseline == "residual":
+            _create_variant(run)
+        solver_info = None
+        if config.effective_solver == "linear":
+            best_epoch = None
+            solver_info = _refit_heads_linear(model, run.variant, run.train[run.variant], config)
+        else:
+            best_epoch = _metatrain.train_sgd(
+                _metatrain.SgdRun(model=model, variant=run.variant, config=config,
+                                  source=str(run.source), train=run.train, val=run.val,
+                                  parent=run.parent, description=run.description),
+                scratch_dir=scratch_dir, progress=progress)
+    _check_finite(model)
+    after = {name: _errors(model, labels, name) for name, labels in eval_sets.items()}
+    _check_divergence(before[run.variant], after[run.variant], config, run.variant)
+    metrics = {
+        "variant": run.variant, "method": config.method,
+        "solver": config.effective_solver,
+        "split": "validation" if run.val[run.variant] else "train",
+        "before": before[run.variant], "after": after[run.variant],
+        "replay": {v: {"before": before[v], "after": after[v]} for v in replay_names},
+    }
+    if solver_info is not None:
+        metrics["linear_solver"] = solver_info
+    variants = _metatrain.energy_variants(model)
+    return Trained(
+        model=model, variant=run.variant, config=config, source=run.source,
+        n_train=sum(len(v) for v in run.train.values()),
+        n_val=sum(len(v) for v in run.val.values()), metrics=metrics,
+        dropped=[v for v in before_variants if v not in variants], variants=variants,
+        best_epoch=best_epoch,
+    )
+
+
+def _refit_heads_linear(model, variant: str, labels: List[Label], config) -> Dict[str, Any]:
+    """Rows from the adapter, model selection here (:mod:`.solver`), update back."""
+    rows = [StructureRows(A=a, y=y, w=w, kind=k)
+            for a, y, w, k in _metatrain.heads_rows(model, variant, labels, config=config)]
+    delta, info = solve(rows, ridge=config.ridge,
+                        keep_parent_unless_better=config.keep_parent_unless_better)
+    if info["selected"] == "refit":
+        _metatrain.apply_heads_update(model, variant, delta)
+    logger.info("linear heads refit of %r: %s", variant, info["reason"])
+    return info
+
+
+def _eval_sets(run: Run) -> Dict[str, List[Label]]:
+    return {name: (run.val[name] or run.train[name]) for name in run.train}
+
+
+def _create_variant(run: Run) -> None:
+    """New variant = copy of the parent head, parent scale, corrected composition."""
+    model, variant, parent = run.model, run.variant, run.parent
+    _metatrain.add_variant(model, variant, inherit_from=parent, description=run.description)
+    labels = run.train[variant]
+    predicted = _metatrain.predict(model, [l.atoms for l in labels], parent,
+                                   forces=False, stress=False)
+    residual = np.array([l.energy - p["energy"] for l, p in zip(labels, predicted)])
+    types = sorted(_metatrain.atomic_types(model))
+    counts = np.array([[np.sum(l.atoms.numbers == z) for z in types] for l in labels],
+                      dtype=float)
+    correction = np.linalg.pinv(counts, rcond=1e-10) @ residual  # minimum norm
+    weights = _metatrain.composition_weights(model, parent)
+    new = {z: weights[z] + float(c) for z, c in zip(types, correction)}
+    _metatrain.set_composition_weights(model, variant, new)
+    logger.info(
+        "new variant %r initialised from %r: heads copied (metatrain inherit_heads), "
+        "parent scale kept and composition = parent + minimum-norm residual correction "
+        "%s eV (metatrain would refit scale and composition from the new totals; "
+        "new_variant_baseline='metatrain' does that)", variant, parent,
+        {int(z): round(float(c), 4) for z, c in zip(types, correction)},
+    )
+
+
+# ---------------------------------------------------------------------- checks/metrics
+def _check_finite(model) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FineTuneError(
+            f"training produced NaN/inf weights ({bad[:3]}...); lower learning_rate "
+            "or check the labels"
+        )
+
+
+def _check_divergence(before, after, config: FineTuneConfig, variant: str) -> None:
+    for key in ("forces_mae_meV_per_A", "energy_mae_meV_per_atom"):
+        if key in before and key in after:
+            if not np.isfinite(after[key]) or after[key] > config.divergence_factor * max(before[key], 1e-6):
+                raise FineTuneError(
+                    f"fine-tuning {variant!r} diverged: {key} went from "
+                    f"{before[key]:.4g} to {after[key]:.4g} (more than "
+                    f"divergence_factor={config.divergence_factor}x); lower "
+                    "learning_rate or num_epochs, or check the labels' units"
+                )
+            return
+
+
+def _errors(model, labels: List[Label], variant: Optional[str]) -> Dict[str, float]:
+    """MAE/RMSE of ``variant`` on ``labels`` (meV/atom, meV/Å, meV/Å³)."""
+    if variant is None or not labels:
+        return {}
+    want_forces = all(l.forces is not None for l in labels)
+    want_stress = all(l.stress is not None and l.periodic for l in labels)
+    pred = _metatrain.predict(model, [l.atoms for l in labels], variant,
+                              forces=want_forces, stress=want_stress)
+    return error_metrics(pred, reference_dicts(labels), [l.n_atoms for l in labels])

@@ -1,0 +1,115 @@
+"""Plain label records: what fine-tuning and the metatrain adapter read from ``ase.Atoms``.
+
+This module sits below both ``finetune/`` and ``_metatrain/`` (each uses it, it uses
+neither).
+
+Labels come from ``atoms.calc.results`` (a ``SinglePointCalculator`` as written by
+``label()``/``LabelBuffer``, or any calculator holding results) or, failing that,
+from ``atoms.info["energy"]``/``["stress"]`` and ``atoms.arrays["forces"]`` (extxyz
+files). The caller's atoms are copied, never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+
+from .errors import TrainingDataError
+from .metrics import results_of
+
+__all__ = ["Label", "to_label", "labels_from_frames", "reference_dicts", "check_elements"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Label:
+    """One labelled structure (eV, eV/Å, eV/Å³ Voigt stress)."""
+
+    atoms: object  # ase.Atoms (a private copy, without calculator)
+    energy: float
+    forces: Optional[np.ndarray]
+    stress: Optional[np.ndarray]
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.atoms)
+
+    @property
+    def periodic(self) -> bool:
+        return bool(np.all(self.atoms.pbc)) and abs(self.atoms.cell.volume) > 1e-12
+
+
+def _stress_voigt(value) -> np.ndarray:
+    stress = np.asarray(value, dtype=float)
+    if stress.shape == (3, 3):
+        stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    if stress.shape != (6,):
+        raise ValueError(f"stress must be Voigt (6,) or (3, 3), got shape {stress.shape}")
+    return stress
+
+
+def to_label(atoms, index: int) -> Label:
+    """A :class:`Label` from one labelled ``ase.Atoms`` (TrainingDataError if unlabelled)."""
+    results = results_of(atoms)
+    if results.get("energy") is None:
+        raise TrainingDataError(
+            f"frame {index} has no energy label (no calculator results and no "
+            "atoms.info['energy']); label it first, e.g. with ase_petft.label(atoms, "
+            "reference)"
+        )
+    try:
+        energy = float(results["energy"])
+        forces = results.get("forces")
+        forces = None if forces is None else np.array(forces, dtype=float).reshape(-1, 3)
+        if forces is not None and len(forces) != len(atoms):
+            raise ValueError(f"{len(forces)} forces for {len(atoms)} atoms")
+        stress = results.get("stress")
+        stress = None if stress is None else _stress_voigt(stress)
+    except (TypeError, ValueError) as exc:
+        raise TrainingDataError(f"frame {index} has malformed labels: {exc}") from exc
+    values = [energy] + ([] if forces is None else list(forces.ravel()))
+    if not np.all(np.isfinite(values)) or (stress is not None and not np.all(np.isfinite(stress))):
+        raise TrainingDataError(f"frame {index} has non-finite labels (NaN or inf); drop it")
+    copy = atoms.copy()
+    copy.calc = None
+    return Label(atoms=copy, energy=energy, forces=forces, stress=stress)
+
+
+def labels_from_frames(frames: Iterable) -> List[Label]:
+    """Labels of a sequence of labelled ``ase.Atoms``."""
+    if isinstance(frames, (str, bytes)) or not hasattr(frames, "__iter__"):
+        raise TrainingDataError(
+            f"frames must be a sequence of labelled ase.Atoms or a LabelBuffer, got "
+            f"{type(frames).__name__}"
+        )
+    return [to_label(atoms, i) for i, atoms in enumerate(frames)]
+
+
+def check_elements(atoms, known: Iterable[int], *, what: str, fix: str,
+                   error: type = TrainingDataError) -> None:
+    """THE element check: raise ``error`` if ``atoms`` hold elements outside ``known``."""
+    from ase.data import chemical_symbols
+
+    known = set(int(z) for z in known)
+    unknown = sorted(set(int(z) for z in atoms.numbers) - known)
+    if unknown:
+        raise error(
+            f"{what} contains element(s) {[chemical_symbols[z] for z in unknown]} the model "
+            f"does not know (it knows {[chemical_symbols[z] for z in sorted(known)]}); {fix}"
+        )
+
+
+def reference_dicts(labels: Iterable[Label], *, forces: bool = True,
+                    stress: bool = True) -> List[Dict[str, Any]]:
+    """Reference values of ``labels`` as :func:`ase_petft.metrics.error_metrics` takes
+    them (forces/stress only where the label has them; stress for periodic cells)."""
+    rows = []
+    for label in labels:
+        row: Dict[str, Any] = {"energy": label.energy}
+        if forces and label.forces is not None:
+            row["forces"] = label.forces
+        if stress and label.stress is not None and label.periodic:
+            row["stress"] = label.stress
+        rows.append(row)
+    return rows

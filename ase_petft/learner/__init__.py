@@ -1,0 +1,19 @@
+"""On-the-fly learning: an ASE observer that labels, refits, gates and hot-swaps.
+
+=============  ==================================================================
+module         what it holds
+=============  ==================================================================
+``onthefly``   :class:`OnTheFlyLearner`, the observer
+``selection``  selection policies (``every``, ``max_gap``, ``min_gap``,
+               ``uncertainty_above``), combined with ``|`` and ``&``
+``gate``       the refit job and the validation gate that accepts or rejects it
+``workdir``    the work-directory format (generations, decisions, history)
+=============  ==================================================================
+"""
+
+from .onthefly import OnTheFlyLearner
+from .selection import (Policy, StepContext, always, every, max_gap, min_gap, never,
+                        uncertainty_above)
+
+__all__ = ["OnTheFlyLearner", "Policy", "StepContext", "every", "max_gap", "min_gap",
+           "uncertainty_above", "always", "never"]

@@ -1,0 +1,229 @@
+"""The validation gate: a refit job and the decision whether its model replaces the
+running one.
+
+The refit job (:func:`run_refit`) is a plain function of plain inputs, so it can run
+inline, in a thread or on any executor. Its decision is written to the generation's
+``decision.json`` (see :mod:`ase_petft.learner.workdir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import _metatrain
+from ..labels import labels_from_frames, reference_dicts
+from ..metrics import error_metrics, score
+from . import workdir as wd
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RefitSpec", "RefitOutcome", "run_refit", "evaluate_generation"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """What a refit must pass before it is swapped in (besides the held-out labels).
+
+    :param probe_steps: NVE steps of the stability probe, run with the candidate from
+        the simulation's current structure and momenta (0 disables it).
+    :param probe_timestep_fs: its timestep.
+    :param probe_max_drift_eV_per_atom: largest change of the total energy per atom
+        along the probe (an NVE trajectory conserves it; a hole in the potential
+        energy surface does not).
+    :param probe_max_force_eV_per_A: largest force component along the probe.
+    :param harm_factor: do-no-harm bound: on rattled copies of the first labelled
+        structures, the candidate's forces may differ from the starting model's by at
+        most ``harm_factor`` × the labels' own force difference from it (the change
+        of level the refits are there to learn).
+    """
+
+    probe_steps: int = 200
+    probe_timestep_fs: float = 0.5
+    probe_max_drift_eV_per_atom: float = 0.05
+    probe_max_force_eV_per_A: float = 30.0
+    harm_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) \
+                or self.probe_steps < 0:
+            raise ConfigError(f"probe_steps must be an integer >= 0, got {self.probe_steps!r}")
+        for name in ("probe_timestep_fs", "probe_max_drift_eV_per_atom",
+                     "probe_max_force_eV_per_A", "harm_factor"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HarmSet:
+    """Rattled copies of labelled structures with the starting model's forces, and the
+    largest force deviation from it that a candidate may show (eV/Å, MAE)."""
+
+    frames: list
+    forces: list
+    bound_eV_per_A: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitSpec:
+    """Everything a refit needs, as plain data (picklable for process executors)."""
+
+    source_checkpoint: pathlib.Path
+    source_generation: int
+    train: list
+    holdout: list
+    variant: str
+    config: Any
+    output_dir: pathlib.Path
+    generation: int
+    tolerance: float
+    n_labels_total: int
+    preload: bool = True
+    anchor: tuple = ()  # labels held out before the first refit: a fixed yardstick
+    harm: Optional[HarmSet] = None
+    probe_atoms: Any = None  # the simulation's structure (with momenta) at refit time
+    gate: GateConfig = GateConfig()
+
+
+@dataclasses.dataclass
+class RefitOutcome:
+    generation: int
+    accepted: bool
+    reason: str
+    decision: Dict[str, Any]
+    checkpoint_path: Optional[pathlib.Path] = None
+    model: Any = None
+
+
+def evaluate_generation(model_or_checkpoint, frames: list, variant: str,
+                        ) -> Tuple[Dict[str, float], List[Dict[str, Any]]]:
+    """Errors (:mod:`ase_petft.metrics`) and predictions of a model (or a checkpoint)
+    on labelled ``frames``: the one way "error of generation N" is computed, by the
+    gate and by the report."""
+    model = model_or_checkpoint
+    if isinstance(model, (str, pathlib.Path)):
+        model = _metatrain.load_model(model)
+    labels = labels_from_frames(frames)
+    forces = all(label.forces is not None for label in labels)
+    stress = all(label.stress is not None and label.periodic for label in labels)
+    predicted = _metatrain.predict(model, [label.atoms for label in labels], variant,
+                                   forces=forces, stress=stress)
+    reference = reference_dicts(labels, forces=forces, stress=stress)
+    return error_metrics(predicted, reference, [label.n_atoms for label in labels]), predicted
+
+
+def run_refit(spec: RefitSpec) -> RefitOutcome:
+    """Fine-tune, judge the candidate (held-out labels, anchor set, do-no-harm,
+    stability probe), write the decision."""
+    from ..finetune import finetune_with_model
+
+    start = time.perf_counter()
+    result, model = finetune_with_model(
+        spec.source_checkpoint, spec.train, variant=spec.variant, config=spec.config,
+        output_dir=spec.output_dir, generation=spec.generation,
+        validation=list(spec.holdout))  # one hold-out: no second split inside the run
+    decision: Dict[str, Any] = {
+        "generation": spec.generation, "source_generation": spec.source_generation,
+        "n_train": len(spec.train), "n_holdout": len(spec.holdout),
+        "n_labels_total": spec.n_labels_total, "fit_wall_time_s": result.wall_time_s,
+        "fit_metrics": dict(result.metrics),
+    }
+    checks = _judge(spec, model, result.checkpoint_path, decision)
+    failed = [f"{name}: {text}" for name, (ok, text) in checks.items() if not ok]
+    accepted = not failed
+    reason = "; ".join(failed) if failed else "; ".join(text for _, text in checks.values())
+    decision.update(accepted=bool(accepted), reason=reason,
+                    checks={name: {"passed": ok, "detail": text}
+                            for name, (ok, text) in checks.items()},
+                    wall_time_s=time.perf_counter() - start, finished_at=time.time())
+    wd.write_json(spec.output_dir / wd.DECISION, decision)
+    if not accepted:
+        logger.info("refit %d rejected: %s", spec.generation, reason)
+    # the swap reads the written checkpoint back (here, off the simulation's thread):
+    # the in-memory module, exported for model.pt, predicts ~1e-5 relative away from it
+    # in float32, and the running model must equal its checkpoint
+    preloaded = None
+    if accepted and spec.preload:
+        preloaded = _metatrain.load_model(result.checkpoint_path)
+    return RefitOutcome(generation=spec.generation, accepted=bool(accepted), reason=reason,
+                        decision=decision, checkpoint_path=result.checkpoint_path,
+                        model=preloaded)
+
+
+def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool, str]]:
+    """Every check of the gate: ``{name: (passed, what was measured)}``; stops at the
+    first failure (later checks cost time and cannot undo it)."""
+    checks: Dict[str, Tuple[bool, str]] = {}
+    for name, frames in (("holdout", spec.holdout), ("anchor", spec.anchor)):
+        if not frames:
+            continue
+        old, _ = evaluate_generation(spec.source_checkpoint, list(frames), spec.variant)
+        new, _ = evaluate_generation(model, list(frames), spec.variant)
+        decision.update({name: {"old": old, "new": new}})
+        if name == "holdout":
+            decision.update(old=old, new=new)
+        ok = score(new) <= (1.0 + spec.tolerance) * score(old)
+        checks[name] = (ok, f"{name} score {score(new):.4g} vs current {score(old):.4g} "
+                            f"({len(frames)} labels, tolerance {spec.tolerance:.0%})")
+        if not ok:
+            return checks
+    if not checks:
+        checks["holdout"] = (True, "no held-out labels yet: accepted without a gate")
+    if spec.harm is not None:
+        checks["no_harm"] = _no_harm(spec, model)
+        if not checks["no_harm"][0]:
+            return checks
+    if spec.probe_atoms is not None and spec.gate.probe_steps > 0:
+        checks["stability"] = _stability_probe(spec, checkpoint)
+    return checks
+
+
+def _no_harm(spec: RefitSpec, model) -> Tuple[bool, str]:
+    import numpy as np
+
+    harm = spec.harm
+    predicted = _metatrain.predict(model, harm.frames, spec.variant, forces=True, stress=False)
+    deviation = float(np.mean(np.concatenate([np.abs(p["forces"] - f).ravel()
+                                              for p, f in zip(predicted, harm.forces)])))
+    ok = deviation <= harm.bound_eV_per_A
+    return ok, (f"forces on {len(harm.frames)} rattled copies moved {1e3 * deviation:.1f} "
+                f"meV/Å from the starting model (bound {1e3 * harm.bound_eV_per_A:.1f})")
+
+
+def _stability_probe(spec: RefitSpec, checkpoint) -> Tuple[bool, str]:
+    """Short NVE MD with the candidate from the current structure."""
+    import numpy as np
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from ..calculator import FineTunableCalculator
+    from .watchdog import count_fragments
+
+    gate = spec.gate
+    atoms = spec.probe_atoms.copy()
+    atoms.calc = FineTunableCalculator(checkpoint, variant=spec.variant, inherit_from=None)
+    n = len(atoms)
+    fragments = None if atoms.pbc.any() else count_fragments(atoms, 1.6)
+    dyn = VelocityVerlet(atoms, gate.probe_timestep_fs * units.fs)
+    e0 = atoms.get_total_energy()
+    for step in range(gate.probe_steps):
+        dyn.run(1)
+        forces = atoms.get_forces()
+        drift = abs(atoms.get_total_energy() - e0) / n
+        problem = None
+        if not np.all(np.isfinite(forces)) or np.abs(forces).max() > gate.probe_max_force_eV_per_A:
+            problem = f"force {np.abs(forces).max():.1f} eV/Å"
+        elif drift > gate.probe_max_drift_eV_per_atom:
+            problem = f"total energy drifted {drift:.3f} eV/atom"
+        elif fragments is not None and count_fragments(atoms, 1.6) > fragments:
+            problem = "the structure fell apart"
+        if problem:
+            return False, (f"stability probe failed after {step + 1} of {gate.probe_steps} "
+                           f"NVE steps: {problem}")
+    return True, (f"stability probe: {gate.probe_steps} NVE steps of "
+                  f"{gate.probe_timestep_fs:g} fs, drift {drift:.4f} eV/atom")

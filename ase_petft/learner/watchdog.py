@@ -1,0 +1,249 @@
+"""A watchdog on the simulation: notice when it has gone unphysical, and say why.
+
+Checked at every observer call, on what the step already computed (no extra model
+or reference calls):
+
+- temperature far above the thermostat's target (``max(3 T, T + 1000 K)``; target
+  from the dynamics' ``temp`` when it has one, else the first observed temperature);
+- forces beyond any sane range (``max_force_eV_per_A``);
+- a jump of the potential energy per atom between two steps of the same model
+  (a swap resets the reference: a new variant's first swap shifts the energy);
+- a molecule that falls apart: for non-periodic systems the bond graph (covalent radii
+  × ``bond_factor``) must not gain fragments;
+- reference calls that keep failing (``max_consecutive_failures``): the structure is
+  probably no longer chemistry the reference can handle.
+
+The learner reacts (rollback of model and structure, or a stop); the watchdog only
+judges and keeps the last healthy snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from ..errors import ConfigError, WorkFailedError
+
+__all__ = ["WatchdogConfig", "Watchdog", "Snapshot", "SimulationUnstableError"]
+
+ACTIONS = ("rollback", "stop")
+
+
+class SimulationUnstableError(WorkFailedError):
+    """The simulation went unphysical and the watchdog was told to stop (or could not
+    recover by rolling back)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WatchdogConfig:
+    """When a simulation counts as unphysical, and what the learner then does.
+
+    :param on_unphysical: ``"rollback"`` (default): swap back the last generation that
+        ran healthily and restore the last healthy structure (positions and momenta);
+        ``"stop"``: raise :class:`SimulationUnstableError` (ends ``dyn.run``).
+    :param max_temperature_K: absolute limit; default ``max(3 T, T + 1000 K)`` of the
+        target temperature.
+    :param max_force_eV_per_A: largest force component magnitude that is still sane.
+    :param max_energy_jump_eV_per_atom: largest change of the potential energy per atom
+        between two consecutive checked steps of the same model.
+    :param bond_factor: two atoms are bonded within ``bond_factor`` × the sum of their
+        covalent radii; ``0`` disables the fragmentation check.
+    :param max_consecutive_failures: reference failures in a row that count as
+        unphysical (no further reference calls are made on that structure).
+    :param snapshot_every: healthy steps between two snapshots of the structure.
+    :param max_rollbacks: rollbacks without ``snapshot_every`` healthy steps in between
+        before the learner gives up and stops.
+    """
+
+    on_unphysical: str = "rollback"
+    max_temperature_K: Optional[float] = None
+    max_force_eV_per_A: float = 30.0
+    max_energy_jump_eV_per_atom: float = 1.0
+    bond_factor: float = 1.6
+    max_consecutive_failures: int = 3
+    snapshot_every: int = 10
+    max_rollbacks: int = 3
+
+    def __post_init__(self) -> None:
+        if self.on_unphysical not in ACTIONS:
+            raise ConfigError(f"on_unphysical must be one of {list(ACTIONS)}, got "
+                              f"{self.on_unphysical!r}")
+        for name in ("max_force_eV_per_A", "max_energy_jump_eV_per_atom"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_temperature_K is not None and not float(self.max_temperature_K) > 0:
+            raise ConfigError(f"max_temperature_K must be > 0 or None, got "
+                              f"{self.max_temperature_K!r}")
+        if not float(self.bond_factor) >= 0:
+            raise ConfigError(f"bond_factor must be >= 0, got {self.bond_factor!r}")
+        for name in ("max_consecutive_failures", "snapshot_every", "max_rollbacks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A healthy state: structure, momenta and the generation that produced it."""
+
+    step: int
+    positions: np.ndarray
+    momenta: Optional[np.ndarray]
+    cell: np.ndarray
+    generation: int
+
+
+class Watchdog:
+    """Judges each step; keeps the last healthy snapshot."""
+
+    def __init__(self, config: WatchdogConfig) -> None:
+        self.config = config
+        self.snapshot: Optional[Snapshot] = None
+        self.good_generation = 0
+        self._target_K: Optional[float] = None
+        self._energy: Optional[float] = None
+        self._fragments: Optional[int] = None
+        self._healthy_steps = 0
+        self.failures_in_a_row = 0
+        self.rollbacks_in_a_row = 0
+
+    # ------------------------------------------------------------------ judging
+    def check(self, atoms, results: dict, *, dynamics=None) -> Optional[str]:
+        """The reason ``atoms`` (with the step's calculator ``results``) is unphysical,
+        or None."""
+        for reason in (self._temperature(atoms, dynamics), self._forces(results),
+                       self._energy_jump(atoms, results), self._fragmentation(atoms),
+                       self._reference_failures()):
+            if reason:
+                return reason
+        return None
+
+    def _temperature(self, atoms, dynamics) -> Optional[str]:
+        if not atoms.has("momenta"):
+            return None
+        temperature = float(atoms.get_temperature())
+        if self._target_K is None:
+            self._target_K = _target_temperature(dynamics) or temperature
+        limit = self.config.max_temperature_K or max(3.0 * self._target_K,
+                                                     self._target_K + 1000.0)
+        if temperature > limit:
+            return (f"temperature {temperature:.0f} K is above the limit {limit:.0f} K "
+                    f"(target {self._target_K:.0f} K)")
+        return None
+
+    def _forces(self, results: dict) -> Optional[str]:
+        forces = results.get("forces")
+        if forces is None:
+            return None
+        forces = np.asarray(forces)
+        if not np.all(np.isfinite(forces)):
+            return "non-finite forces"
+        largest = float(np.abs(forces).max()) if forces.size else 0.0
+        if largest > self.config.max_force_eV_per_A:
+            return (f"a force component of {largest:.1f} eV/Å exceeds "
+                    f"{self.config.max_force_eV_per_A:g} eV/Å")
+        return None
+
+    def _energy_jump(self, atoms, results: dict) -> Optional[str]:
+        energy = results.get("energy")
+        if energy is None or len(atoms) == 0:
+            return None
+        if not np.isfinite(energy):
+            return "non-finite energy"
+        per_atom = float(energy) / len(atoms)
+        previous, self._energy = self._energy, per_atom
+        if previous is not None and abs(per_atom - previous) > self.config.max_energy_jump_eV_per_atom:
+            return (f"the potential energy jumped by {per_atom - previous:+.3f} eV/atom in "
+                    "one step")
+        return None
+
+    def _fragmentation(self, atoms) -> Optional[str]:
+        if self.config.bond_factor == 0 or atoms.pbc.any() or len(atoms) < 2:
+            return None
+        count = count_fragments(atoms, self.config.bond_factor)
+        if self._fragments is None:
+            self._fragments = count
+        if count > self._fragments:
+            return (f"the structure fell apart into {count} fragments (it started with "
+                    f"{self._fragments})")
+        return None
+
+    def _reference_failures(self) -> Optional[str]:
+        if self.failures_in_a_row >= self.config.max_consecutive_failures:
+            return (f"{self.failures_in_a_row} reference calls in a row failed; the "
+                    "structure is probably no longer one the reference can handle")
+        return None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def healthy(self, atoms, *, step: int, generation: int) -> None:
+        """Record a healthy step; snapshot every ``snapshot_every`` of them."""
+        self._healthy_steps += 1
+        if self._healthy_steps % self.config.snapshot_every == 0 or self.snapshot is None:
+            self.snapshot = Snapshot(
+                step=step, positions=atoms.get_positions().copy(),
+                momenta=atoms.get_momenta().copy() if atoms.has("momenta") else None,
+                cell=np.array(atoms.cell), generation=generation)
+            if self._healthy_steps >= self.config.snapshot_every:
+                self.good_generation = generation  # ran healthily for a while
+                self.rollbacks_in_a_row = 0
+
+    def model_changed(self) -> None:
+        """After a swap: the energy reference restarts, and the new model must prove
+        itself for ``snapshot_every`` steps before it counts as good."""
+        self._energy = None
+        self._healthy_steps = 0
+
+    def restore(self, atoms) -> Snapshot:
+        """Put the last healthy structure back into ``atoms`` (in place)."""
+        snap = self.snapshot
+        if snap is None:
+            raise SimulationUnstableError("the simulation was unphysical from its first "
+                                          "step: there is no healthy structure to go back to")
+        atoms.set_cell(snap.cell)
+        atoms.set_positions(snap.positions)
+        if snap.momenta is not None:
+            atoms.set_momenta(snap.momenta)
+        self._energy = None
+        self.failures_in_a_row = 0
+        self.rollbacks_in_a_row += 1
+        self._healthy_steps = 0
+        return snap
+
+
+def _target_temperature(dynamics) -> Optional[float]:
+    from ase import units
+
+    temp = getattr(dynamics, "temp", None)  # Langevin, Andersen, ...: kT in eV
+    if temp is None:
+        return None
+    try:
+        return float(temp) / units.kB
+    except (TypeError, ValueError):
+        return None
+
+
+def count_fragments(atoms, bond_factor: float) -> int:
+    """Connected components of the bond graph (bonds within ``bond_factor`` × the sum
+    of covalent radii)."""
+    from ase.data import covalent_radii
+
+    positions = atoms.get_positions()
+    radii = covalent_radii[atoms.numbers]
+    distances = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+    bonded = distances <= bond_factor * (radii[:, None] + radii[None, :])
+    seen = np.zeros(len(atoms), dtype=bool)
+    fragments = 0
+    for start in range(len(atoms)):
+        if seen[start]:
+            continue
+        fragments += 1
+        stack = [start]
+        seen[start] = True
+        while stack:
+            i = stack.pop()
+            for j in np.nonzero(bonded[i] & ~seen)[0]:
+                seen[j] = True
+                stack.append(int(j))
+    return fragments
