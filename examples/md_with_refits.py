@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="refit inline instead of in a background thread")
     parser.add_argument("--test-frames", type=int, default=8)
     parser.add_argument("--workdir", default=None, help="default: a new temporary folder")
-    return _common.parse(parser, argv, {"steps": 40, "every": 4, "refit_every": 3,
+    return _common.parse(parser, argv, {"steps": 60, "every": 2, "refit_every": 6,
                                         "test_frames": 3})
 
 

@@ -21,6 +21,7 @@ from ase_petft import (ConfigError, FineTunableCalculator, FineTuneConfig, Label
                        PetftError)
 from ase_petft.learner import (OnTheFlyLearner, StepContext, always, every, max_gap, never,
                                uncertainty_above)
+from ase_petft.learner.gate import GateConfig
 from ase_petft.learner.watchdog import SimulationUnstableError, WatchdogConfig
 
 from conftest import emt_frames, perturbed_checkpoint
@@ -74,9 +75,12 @@ def run(emt_checkpoint, tmp_path):
 
 def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
     calc, atoms, buffer, workdir = run
+    # accept every refit (swaps are under test, not the gate): the tiny test PET would
+    # otherwise keep its head (LOSO) and its refits fail the do-no-harm bound
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
                               background=False, workdir=workdir, holdout_fraction=0.25,
-                              tolerance=10.0)  # accept every refit: swaps are under test
+                              tolerance=10.0, config=FineTuneConfig(keep_parent_unless_better=False),
+                              gate=GateConfig(probe_steps=0, harm_factor=1e9))
     dyn = _langevin(atoms)
     dyn.attach(learner, interval=1)
     dyn.run(24)
@@ -384,3 +388,13 @@ def test_fragment_count_oracle():
     assert count_fragments(water, 1.6) == 1
     water.positions[1] += [5.0, 0, 0]  # one H flies off
     assert count_fragments(water, 1.6) == 2
+
+
+def test_combinations_evaluate_the_uncertainty_only_when_needed():
+    calls = []
+    for policy in (uncertainty_above(0.05) & max_gap(20), max_gap(20) & uncertainty_above(0.05)):
+        assert not policy(_ctx(7, since=3, sigma=1.0, calls=calls))  # gap decides alone
+        assert policy(_ctx(8, since=25, sigma=1.0, calls=calls))  # now σ is needed
+    assert calls == [8, 8]
+    either = uncertainty_above(0.05) | max_gap(20)
+    assert either(_ctx(9, since=30, sigma=0.0, calls=calls)) and calls == [8, 8]

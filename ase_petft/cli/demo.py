@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-labels", type=int, default=defaults.max_labels,
                         help="budget of GFN2-xTB calls")
     parser.add_argument("--refit-every", type=int, default=defaults.refit_every)
-    parser.add_argument("--method", choices=["heads", "full", "lora"], default="heads")
+    parser.add_argument("--method", choices=["heads", "full", "lora"], default=defaults.method)
     parser.add_argument("--inline", action="store_true",
                         help="refit inline instead of in a background thread")
     parser.add_argument("--seed", type=int, default=0)

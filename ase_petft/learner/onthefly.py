@@ -217,7 +217,7 @@ class OnTheFlyLearner:
                    f" (after {self.watchdog.rollbacks_in_a_row} rollbacks in a row)")
                 + f". Labels and generations are kept in {str(self.workdir)!r}; restart "
                 "from the last good structure with a smaller timestep or a safer config")
-        good = self.watchdog.good_generation
+        good = self.watchdog.generation_to_restore(self.calc.generation)
         if self.calc.generation != good:
             self.rollback(good)
         live = self._live_atoms()
@@ -225,7 +225,7 @@ class OnTheFlyLearner:
             logger.warning("no atoms to restore (attach the learner with "
                            "learner.attach(dyn) or pass atoms=); only the model was rolled back")
             return
-        snap = self.watchdog.restore(live)
+        snap = self.watchdog.restore(live, seed=self._step)
         self.calc.reset()
         self._since_label = 0
         self._event("restored", from_step=snap.step, generation=self.calc.generation)
@@ -353,27 +353,31 @@ class OnTheFlyLearner:
         return self._anchor
 
     def _harm_set(self, train) -> Optional[HarmSet]:
-        """Rattled copies of the first labelled structures with the forces of the model
-        this run started from (computed once, between two steps), and the bound."""
+        """The first labelled structures and rattled copies of them, with the forces of
+        the model this run started from (computed once, between two steps)."""
         if self._harm is not None or not train:
             return self._harm
         rng = np.random.default_rng(0)
-        frames, forces, gaps = [], [], []
-        for labelled in train[:4]:
-            probe = labelled.copy()
-            probe.calc = self.calc
-            gaps.append(np.abs(probe.get_forces() - labelled.get_forces()).mean())
+        labelled, rattled = [], []
+        for frame in train[:4]:
+            base = frame.copy()
+            base.calc = None
+            labelled.append(base)
             for _ in range(2):
-                copy = labelled.copy()
-                copy.calc = None
+                copy = base.copy()
                 copy.positions += rng.normal(0.0, 0.05, copy.positions.shape)
-                copy.calc = self.calc
-                forces.append(copy.get_forces().copy())
-                copy.calc = None
-                frames.append(copy)
-        bound = self.gate.harm_factor * max(float(np.mean(gaps)), 0.05)
-        self._harm = HarmSet(frames=frames, forces=forces, bound_eV_per_A=bound)
+                rattled.append(copy)
+        self._harm = HarmSet(labelled=labelled, labelled_forces=self._forces(labelled),
+                             frames=rattled, forces=self._forces(rattled))
         return self._harm
+
+    def _forces(self, frames) -> list:
+        out = []
+        for frame in frames:
+            probe = frame.copy()
+            probe.calc = self.calc
+            out.append(probe.get_forces().copy())
+        return out
 
     def _probe_atoms(self):
         live = self._live_atoms()

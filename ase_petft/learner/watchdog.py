@@ -19,8 +19,9 @@ judges and keeps the last healthy snapshot.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -100,8 +101,8 @@ class Watchdog:
 
     def __init__(self, config: WatchdogConfig) -> None:
         self.config = config
-        self.snapshot: Optional[Snapshot] = None
-        self.good_generation = 0
+        self.snapshots = collections.deque(maxlen=config.max_rollbacks + 2)
+        self.good_generations: List[int] = [0]  # chronological; each ran healthily a while
         self._target_K: Optional[float] = None
         self._energy: Optional[float] = None
         self._fragments: Optional[int] = None
@@ -177,17 +178,31 @@ class Watchdog:
         return None
 
     # ------------------------------------------------------------------ bookkeeping
+    @property
+    def snapshot(self) -> Optional[Snapshot]:
+        return self.snapshots[-1] if self.snapshots else None
+
     def healthy(self, atoms, *, step: int, generation: int) -> None:
         """Record a healthy step; snapshot every ``snapshot_every`` of them."""
         self._healthy_steps += 1
-        if self._healthy_steps % self.config.snapshot_every == 0 or self.snapshot is None:
-            self.snapshot = Snapshot(
+        if self._healthy_steps % self.config.snapshot_every == 0 or not self.snapshots:
+            self.snapshots.append(Snapshot(
                 step=step, positions=atoms.get_positions().copy(),
                 momenta=atoms.get_momenta().copy() if atoms.has("momenta") else None,
-                cell=np.array(atoms.cell), generation=generation)
+                cell=np.array(atoms.cell), generation=generation))
             if self._healthy_steps >= self.config.snapshot_every:
-                self.good_generation = generation  # ran healthily for a while
-                self.rollbacks_in_a_row = 0
+                if generation not in self.good_generations:
+                    self.good_generations.append(generation)  # ran healthily a while
+                if self._healthy_steps >= 2 * self.config.snapshot_every:
+                    self.rollbacks_in_a_row = 0
+
+    def generation_to_restore(self, current: int) -> int:
+        """The generation to run after an unphysical event under ``current``: the last
+        good one before it (``current`` itself loses its good standing: it just failed)."""
+        if current in self.good_generations and current != 0:
+            self.good_generations.remove(current)
+        earlier = [g for g in self.good_generations if g < current] or [0]
+        return earlier[-1]
 
     def model_changed(self) -> None:
         """After a swap: the energy reference restarts, and the new model must prove
@@ -195,21 +210,38 @@ class Watchdog:
         self._energy = None
         self._healthy_steps = 0
 
-    def restore(self, atoms) -> Snapshot:
-        """Put the last healthy structure back into ``atoms`` (in place)."""
-        snap = self.snapshot
-        if snap is None:
+    def restore(self, atoms, *, seed: int = 0) -> Snapshot:
+        """Put a healthy structure back into ``atoms`` (in place): the last snapshot, an
+        older one after each further rollback in a row (the last one may already have
+        been on its way out), with momenta drawn afresh at the target temperature (the
+        stored ones carry the heat of what went wrong)."""
+        if not self.snapshots:
             raise SimulationUnstableError("the simulation was unphysical from its first "
                                           "step: there is no healthy structure to go back to")
+        snap = self.snapshots[max(0, len(self.snapshots) - 1 - self.rollbacks_in_a_row)]
         atoms.set_cell(snap.cell)
         atoms.set_positions(snap.positions)
         if snap.momenta is not None:
-            atoms.set_momenta(snap.momenta)
+            atoms.set_momenta(self._fresh_momenta(atoms, snap, seed))
         self._energy = None
         self.failures_in_a_row = 0
         self.rollbacks_in_a_row += 1
         self._healthy_steps = 0
         return snap
+
+    def _fresh_momenta(self, atoms, snap: Snapshot, seed: int) -> np.ndarray:
+        from ase.md.velocitydistribution import (Stationary, ZeroRotation,
+                                                 thermalize_momenta)
+
+        if not self._target_K:
+            return snap.momenta
+        probe = atoms.copy()
+        thermalize_momenta(probe, temperature_K=self._target_K,
+                           rng=np.random.default_rng(seed + snap.step))
+        Stationary(probe)
+        if not probe.pbc.any():
+            ZeroRotation(probe)
+        return probe.get_momenta()
 
 
 def _target_temperature(dynamics) -> Optional[float]:
