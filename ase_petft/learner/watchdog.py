@@ -107,6 +107,7 @@ class Watchdog:
         self._energy: Optional[float] = None
         self._fragments: Optional[int] = None
         self._healthy_steps = 0
+        self._probation = 0
         self.failures_in_a_row = 0
         self.rollbacks_in_a_row = 0
 
@@ -185,6 +186,8 @@ class Watchdog:
     def healthy(self, atoms, *, step: int, generation: int) -> None:
         """Record a healthy step; snapshot every ``snapshot_every`` of them."""
         self._healthy_steps += 1
+        if self._healthy_steps < self._probation:
+            return  # just restored: the structure must prove itself before it is kept
         if self._healthy_steps % self.config.snapshot_every == 0 or not self.snapshots:
             self.snapshots.append(Snapshot(
                 step=step, positions=atoms.get_positions().copy(),
@@ -218,7 +221,8 @@ class Watchdog:
         if not self.snapshots:
             raise SimulationUnstableError("the simulation was unphysical from its first "
                                           "step: there is no healthy structure to go back to")
-        snap = self.snapshots[max(0, len(self.snapshots) - 1 - self.rollbacks_in_a_row)]
+        # the newest snapshot, used up: a further rollback in a row goes one further back
+        snap = self.snapshots.pop() if len(self.snapshots) > 1 else self.snapshots[0]
         atoms.set_cell(snap.cell)
         atoms.set_positions(snap.positions)
         if snap.momenta is not None:
@@ -227,6 +231,7 @@ class Watchdog:
         self.failures_in_a_row = 0
         self.rollbacks_in_a_row += 1
         self._healthy_steps = 0
+        self._probation = 2 * self.config.snapshot_every
         return snap
 
     def _fresh_momenta(self, atoms, snap: Snapshot, seed: int) -> np.ndarray:
