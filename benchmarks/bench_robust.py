@@ -93,7 +93,7 @@ def run(args) -> dict:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="petft-robust-"))
     atoms = build(args.molecule)
     atoms.calc = calc
-    temperatures = []
+    temperatures, step_times, during = [], [], []
     start = time.perf_counter()
     with LabelBuffer(workdir / "labels.h5", mode="w-") as buffer:
         learner = OnTheFlyLearner(
@@ -104,13 +104,26 @@ def run(args) -> dict:
         dyn = langevin(atoms, args.temperature, args.seed)
         learner.attach(dyn)
         dyn.attach(lambda: temperatures.append(atoms.get_temperature()), interval=10)
+        last = [time.perf_counter()]
+
+        def clock():  # MD pace, split by whether a refit was running during the step
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            during.append(learner.refit_in_progress)
+            last[0] = now
+
+        dyn.attach(clock, interval=1)
         dyn.run(args.steps)
         learner.close()
     wall = time.perf_counter() - start
     after = {"md": calculator_errors(md_set, calc), "rattled": calculator_errors(rattled_set, calc)}
     events = collections.Counter(row["event"] for row in learner.history)
     rejections = [row.get("reason") for row in learner.history if row["event"] == "refit_rejected"]
-    return dict(before=before, after=after, events=events, rejections=rejections,
+    times, flags = np.array(step_times[1:]), np.array(during[1:], dtype=bool)
+    pace = (1e3 * float(np.median(times[flags])) if flags.any() else float("nan"),
+            1e3 * float(np.median(times[~flags])) if (~flags).any() else float("nan"),
+            int(flags.sum()))
+    return dict(before=before, after=after, events=events, rejections=rejections, pace=pace,
                 calls=learner.reference_calls, generation=calc.generation,
                 t_max=max(temperatures, default=float("nan")), wall=wall, workdir=workdir)
 
@@ -138,6 +151,9 @@ def main() -> None:
               f"{a['forces_mae_meV_per_A'] / b['forces_mae_meV_per_A']:.2f} | "
               f"{b['energy_mae_offset_removed_meV_per_atom']:.1f} | "
               f"{a['energy_mae_offset_removed_meV_per_atom']:.1f} |")
+    during, otherwise, n = out["pace"]
+    print(f"MD pace (median ms/step, includes the learner's own work): {during:.1f} during "
+          f"refits ({n} steps), {otherwise:.1f} otherwise, ratio {during / otherwise:.2f}")
     print("events:", dict(out["events"]))
     for reason in out["rejections"]:
         print("  rejected:", reason)

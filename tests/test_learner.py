@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from ase import units
 from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
@@ -117,7 +118,10 @@ def test_background_refit_lets_md_go_on(run):
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=6,
                               background=True, workdir=workdir, max_labels=8)
     during = []  # for every MD step: was a refit running while the step was taken?
+    threads = []  # torch threads of the simulation's thread at each step
+    before = torch.get_num_threads()
     dyn = _langevin(atoms)
+    dyn.attach(lambda: threads.append(torch.get_num_threads()), interval=1)
     learner.attach(dyn, interval=1)
     dyn.attach(lambda: during.append(learner.refit_in_progress), interval=1)
     dyn.run(12)
@@ -126,6 +130,9 @@ def test_background_refit_lets_md_go_on(run):
         dyn.run(1)  # the observer above records the real state of the refit
     learner.close()
     assert sum(during) >= 2  # MD steps were taken while the refit was running
+    assert torch.get_num_threads() == before  # the simulation got its threads back
+    if (os.cpu_count() or 1) <= before:  # cores shared with the refit while it ran
+        assert min(threads) < before
     assert len(buffer) == 8  # the budget
     assert any(row["event"] in ("swap", "refit_rejected") for row in learner.history)
 

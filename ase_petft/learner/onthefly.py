@@ -70,7 +70,9 @@ class OnTheFlyLearner:
     :param properties: what the reference computes (``"stress"`` is added for periodic
         cells when listed).
     :param refit_threads: torch threads of a background refit (1 keeps the MD fast on
-        small machines; see DESIGN.md, thread trap).
+        small machines; see DESIGN.md, thread trap). While such a refit runs in this
+        process's thread pool, the simulation's thread uses the remaining cores
+        (``torch.set_num_threads``, restored when the refit lands).
     :param dynamics: the ASE dynamics/optimiser this learner observes (as ASE's
         ``MDLogger`` takes it): labels and events record its ``nsteps``. Without it,
         steps count observer calls (wrong with ``dyn.attach(learner, interval=k > 1)``).
@@ -345,6 +347,7 @@ class OnTheFlyLearner:
         if not self.background:
             self._finish(_safe_refit(spec, None))
             return
+        self._share_cores()
         self._future = self._pool().submit(_safe_refit, spec, self.refit_threads)
 
     def _anchor_set(self, holdout) -> tuple:
@@ -389,6 +392,27 @@ class OnTheFlyLearner:
         probe.calc = None
         return probe
 
+    def _share_cores(self) -> None:
+        """While a refit runs in a thread of this process, the simulation's thread uses
+        the cores the refit leaves (thread trap, DESIGN.md §5: two OpenMP teams on the
+        same cores made MD 2.1× slower during full refits; sharing them: 1.27×)."""
+        if self._executor is not None or self.refit_threads is None:
+            return
+        import os
+
+        import torch
+
+        self._md_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(self._md_threads,
+                                         (os.cpu_count() or 1) - self.refit_threads)))
+
+    def _restore_cores(self) -> None:
+        if getattr(self, "_md_threads", None) is not None:
+            import torch
+
+            torch.set_num_threads(self._md_threads)
+            self._md_threads = None
+
     def _pool(self) -> concurrent.futures.Executor:
         if self._executor is not None:
             return self._executor
@@ -401,6 +425,7 @@ class OnTheFlyLearner:
         if self._future is None or not self._future.done():
             return
         future, self._future = self._future, None
+        self._restore_cores()
         self._finish(future.result())
 
     def _finish(self, outcome) -> None:
