@@ -45,6 +45,7 @@ class EnergyUncertainty:
         self._calc = calc
         self._lock = threading.RLock()  # its own: never the calculator's private lock
         self._features: Dict[str, np.ndarray] = {}  # structure key -> φ (this generation)
+        self._energies: Dict[str, float] = {}  # structure key -> predicted E (this generation)
         self._posterior = None  # (inverse matrix, calibration factor s²)
         self._llpr = None
         self._train = None
@@ -76,7 +77,7 @@ class EnergyUncertainty:
         with self._lock:
             if self.method == "posterior":
                 if self._generation != calc.generation:
-                    self._features = {}  # features belong to one set of weights
+                    self._features, self._energies = {}, {}  # they belong to one set of weights
                 self._fit_posterior()
                 self._generation = calc.generation
                 return
@@ -136,11 +137,19 @@ class EnergyUncertainty:
         return np.einsum("ij,jk,ik->i", phi, inverse, phi)
 
     def _calc_energies(self, atoms_list):
+        """Predicted energies, cached per structure: a new label costs one prediction,
+        not one per held-out label."""
         from . import _metatrain
 
         calc = self._calc
-        return [p["energy"] for p in _metatrain.predict(calc.model, atoms_list, calc.variant,
-                                                        forces=False, stress=False)]
+        keys = [_key(a) for a in atoms_list]
+        missing = [(k, a) for k, a in zip(keys, atoms_list) if k not in self._energies]
+        if missing:
+            predicted = _metatrain.predict(calc.model, [a for _, a in missing], calc.variant,
+                                           forces=False, stress=False)
+            for (k, _), p in zip(missing, predicted):
+                self._energies[k] = p["energy"]
+        return [self._energies[k] for k in keys]
 
     def _posterior_sigma(self, atoms_list) -> list:
         inverse, scale2 = self._posterior

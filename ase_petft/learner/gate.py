@@ -167,10 +167,12 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
         checks["changed"] = (False, "nothing to swap: the linear solver kept the current "
                              f"head ({solver.get('reason', '')})")
         return checks
+    current = None  # the running generation's model, read once for both comparisons
     for name, frames in (("holdout", spec.holdout), ("anchor", spec.anchor)):
         if not frames:
             continue
-        old, _ = evaluate_generation(spec.source_checkpoint, list(frames), spec.variant)
+        current = current or _metatrain.load_model(spec.source_checkpoint)
+        old, _ = evaluate_generation(current, list(frames), spec.variant)
         new, _ = evaluate_generation(model, list(frames), spec.variant)
         decision.update({name: {"old": old, "new": new}})
         if name == "holdout":
