@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from ase import Atoms, units  # noqa: E402
 from ase.calculators.emt import EMT  # noqa: E402
 
-DEFAULT_MOLECULE = "C2H6CHOH"  # isopropanol: held out from the demo model's training
+DEFAULT_MOLECULE = "CH3CONH2"  # acetamide: held out from the demo model's training
 
 
 class StiffEMT(EMT):
