@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import types
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError
+from .validation import (choice as _choice, is_int as _is_int, non_negative_float as
+                         _non_negative_float, non_negative_int as _non_negative_int,
+                         positive_float as _positive_float, positive_int as _positive_int,
+                         real as _real)
 from .variants import validate_variant
 
 __all__ = ["FineTuneConfig", "FineTuneResult", "METHODS", "SOLVERS"]
@@ -263,39 +266,6 @@ def _refuse_ignored(config: "FineTuneConfig") -> None:
             "need solver='sgd'; ridge and rotations need the linear heads solver; LoRA "
             "settings need method='lora')"
         )
-
-
-def _choice(name: str, value: Any, valid: Tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{name}={value!r} is not valid; expected one of {list(valid)}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _non_negative_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_float(name: str, value: Any) -> None:
-    if not _real(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _non_negative_float(name: str, value: Any) -> None:
-    if not _real(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _fraction(value: Any) -> None:

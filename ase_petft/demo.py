@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, WorkFailedError
 from .metrics import calculator_errors, errors_against
+from .validation import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,7 @@ class DemoSettings:
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoints", "min_gap", "max_gap", "refit_every", "max_labels",
                      "n_holdout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"demo setting {name} must be a positive integer, "
-                                 f"got {value!r}")
+            positive_int(f"demo setting {name}", getattr(self, name))
         if self.checkpoints > self.steps:
             raise ConfigError("demo: more error checkpoints than MD steps")
 

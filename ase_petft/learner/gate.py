@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import _metatrain
 from ..labels import labels_from_frames, reference_dicts
 from ..metrics import error_metrics, score
+from ..validation import non_negative_int, positive_float
 from . import workdir as wd
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,10 @@ class GateConfig:
     harm_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        from ..errors import ConfigError
-
-        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) \
-                or self.probe_steps < 0:
-            raise ConfigError(f"probe_steps must be an integer >= 0, got {self.probe_steps!r}")
+        non_negative_int("probe_steps", self.probe_steps)
         for name in ("probe_timestep_fs", "probe_max_drift_eV_per_atom",
                      "probe_max_force_eV_per_A", "harm_factor"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            positive_float(name, getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)

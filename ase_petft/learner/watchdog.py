@@ -25,7 +25,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import ConfigError, WorkFailedError
+from ..errors import WorkFailedError
+from ..validation import (choice, non_negative_float, optional_positive_float,
+                          positive_float, positive_int)
 
 __all__ = ["WatchdogConfig", "Watchdog", "Snapshot", "SimulationUnstableError"]
 
@@ -68,21 +70,13 @@ class WatchdogConfig:
     max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
-        if self.on_unphysical not in ACTIONS:
-            raise ConfigError(f"on_unphysical must be one of {list(ACTIONS)}, got "
-                              f"{self.on_unphysical!r}")
+        choice("on_unphysical", self.on_unphysical, ACTIONS)
         for name in ("max_force_eV_per_A", "max_energy_jump_eV_per_atom"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.max_temperature_K is not None and not float(self.max_temperature_K) > 0:
-            raise ConfigError(f"max_temperature_K must be > 0 or None, got "
-                              f"{self.max_temperature_K!r}")
-        if not float(self.bond_factor) >= 0:
-            raise ConfigError(f"bond_factor must be >= 0, got {self.bond_factor!r}")
+            positive_float(name, getattr(self, name))
+        optional_positive_float("max_temperature_K", self.max_temperature_K)
+        non_negative_float("bond_factor", self.bond_factor)
         for name in ("max_consecutive_failures", "snapshot_every", "max_rollbacks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
