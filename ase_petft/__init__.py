@@ -31,6 +31,7 @@ _LAZY = {
     "FineTunableCalculator": "calculator",
     "demo_checkpoint": "data",
     "LabelBuffer": "buffer",
+    "recover_buffer": "buffer",
     "label": "labelling",
     "label_many": "labelling",
     "finetune": "finetune",

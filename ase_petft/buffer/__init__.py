@@ -92,11 +92,12 @@ from .. import __version__
 from .. import _provenance as prov
 from ..errors import LabelBufferError
 from . import exchange, file
+from .salvage import recover_buffer
 from .records import failure_record, label_record, pack_records, row_to_atoms
 from .table import (VARIANT_BYTES, Table, check_settings, frame_intact, iter_blocks,
                      normalise_elements, open_group)
 
-__all__ = ["LabelBuffer"]
+__all__ = ["LabelBuffer", "recover_buffer"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +154,9 @@ class LabelBuffer:
             check_settings(settings, wanted, self._where)
             self._require_forces = settings["require_forces"]
             self._allowed = settings["allowed_elements"]
-            self._labels = Table(self._root["labels"], swmr_reader=mode == "r")
-            self._failures = Table(self._root["failures"], swmr_reader=mode == "r")
+            with file.reading(self._where):
+                self._labels = Table(self._root["labels"], swmr_reader=mode == "r")
+                self._failures = Table(self._root["failures"], swmr_reader=mode == "r")
         except BaseException:
             self.close()
             raise
@@ -277,7 +279,7 @@ class LabelBuffer:
     # -- reading -------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        with self._mutex:
+        with self._mutex, file.reading(self._where):
             self._check_open()
             return self._labels.refresh()
 
@@ -306,21 +308,28 @@ class LabelBuffer:
             return list(range(len(column)))
         return np.flatnonzero(column == str(variant).encode()).tolist()
 
-    def frames(self, variant: Optional[str] = None) -> Iterator[Atoms]:
-        """Iterate over the labels (of ``variant`` when given), read in blocks."""
+    def frames(self, variant: Optional[str] = None, *, skip_damaged: bool = False
+               ) -> Iterator[Atoms]:
+        """Iterate over the labels (of ``variant`` when given), read in blocks.
+
+        A damaged frame raises :class:`LabelBufferError`, or with ``skip_damaged=True``
+        is left out (logged). ``petft buffer recover`` copies the intact frames to a new
+        file once and for all.
+        """
         indices = self.indices(variant)
         for start in range(0, len(indices), _READ_BLOCK):
-            yield from self._read(self._labels, indices[start:start + _READ_BLOCK])
+            yield from self._read(self._labels, indices[start:start + _READ_BLOCK],
+                                  skip_damaged=skip_damaged)
 
     def failures(self) -> list:
         """The recorded failures: structures with ``info["error"]`` etc., no results."""
-        with self._mutex:
+        with self._mutex, file.reading(self._where):
             self._check_open()
             n = self._failures.refresh()
         return self._read(self._failures, list(range(n)))
 
     def _variant_column(self) -> np.ndarray:
-        with self._mutex:
+        with self._mutex, file.reading(self._where):
             self._check_open()
             n = self._labels.refresh()
             have = len(self._variant_cache)
@@ -329,27 +338,45 @@ class LabelBuffer:
                     [self._variant_cache, self._labels.variants(have, n)])
             return self._variant_cache[:n]
 
-    def _read(self, table: Table, indices: list) -> list:
+    def _read(self, table: Table, indices: list, *, skip_damaged: bool = False) -> list:
         found = {}
         for start, stop, chosen in iter_blocks(sorted(set(indices)), _READ_BLOCK):
-            with self._mutex:
-                self._check_open()
-                rows = table.rows(start, stop)[np.asarray(chosen) - start]
-                atom_rows, text, a0, t0 = table.payload(rows)
-            for i, row in zip(chosen, rows):
-                if not frame_intact(row, atom_rows, text, a0, t0):
-                    raise LabelBufferError(f"frame {i} of {self._where} is damaged (checksum "
-                                           "mismatch); the file was corrupted on disk.")
-                found[i] = row_to_atoms(row, atom_rows, text, a0, t0, i)
+            try:
+                found.update(self._read_block(table, start, stop, chosen))
+            except LabelBufferError:
+                if not skip_damaged:
+                    raise
+                for i in chosen:  # one at a time: keep what is intact
+                    try:
+                        found.update(self._read_block(table, i, i + 1, [i]))
+                    except LabelBufferError as exc:
+                        logger.warning("skipping damaged label %d: %s", i, exc)
         out, seen = [], set()
         for i in indices:  # a repeated index gets its own copy
-            out.append(found[i].copy() if i in seen else found[i])
-            seen.add(i)
+            if i in found:
+                out.append(found[i].copy() if i in seen else found[i])
+                seen.add(i)
         return out
+
+    def _read_block(self, table: Table, start: int, stop: int, chosen: list) -> dict:
+        with self._mutex, file.reading(self._where):
+            self._check_open()
+            rows = table.rows(start, stop)[np.asarray(chosen) - start]
+            atom_rows, text, a0, t0 = table.payload(rows)
+        found = {}
+        for i, row in zip(chosen, rows):
+            if not frame_intact(row, atom_rows, text, a0, t0):
+                raise LabelBufferError(
+                    f"frame {i} of {self._where} is damaged (checksum mismatch); the file "
+                    "was corrupted on disk. Copy out the intact frames with 'petft buffer "
+                    "recover FILE NEW.h5', or read with frames(skip_damaged=True).")
+            found[i] = row_to_atoms(row, atom_rows, text, a0, t0, i)
+        return found
 
     # -- export --------------------------------------------------------------------------
 
-    def to_extxyz(self, path, variant: Optional[str] = None) -> int:
+    def to_extxyz(self, path, variant: Optional[str] = None, *,
+                  skip_damaged: bool = False) -> int:
         """Write the labels (of one variant) as extended XYZ for metatrain; returns the count.
 
         Keys: info ``energy`` (eV), array ``forces`` (eV/Å), info ``stress`` (3x3,
@@ -366,7 +393,8 @@ class LabelBuffer:
         if not indices:
             raise LabelBufferError(f"{self._where} has no labels" +
                                    (f" of variant {variant!r} (it has {list(variants)})" if variant else ""))
-        return exchange.write_extxyz(path, self._read(self._labels, indices))
+        return exchange.write_extxyz(path, self._read(self._labels, indices,
+                                                      skip_damaged=skip_damaged))
 
     # -- lifetime ------------------------------------------------------------------------
 

@@ -16,13 +16,10 @@ from typing import Optional
 import h5py
 from h5py import h5f, h5p
 
+from .._locks import ExclusiveLock
 from ..errors import LabelBufferError
+from . import _native
 from .table import DATASETS, GROUPS, check_format, create_layout, ends, frame_intact
-
-try:  # POSIX advisory locks; without them a second writer is not detected
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +34,7 @@ def _fapl(*, chunk_cache_bytes: Optional[int] = None):
     fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
     fapl.set_fclose_degree(h5f.CLOSE_STRONG)
     fapl.set_file_locking(False, True)  # we lock ourselves (see WriterLock)
+    _native.limit_read_attempts(fapl)  # a damaged file fails fast instead of hanging
     if chunk_cache_bytes is not None:
         cache = list(fapl.get_cache())
         cache[2] = chunk_cache_bytes
@@ -44,22 +42,64 @@ def _fapl(*, chunk_cache_bytes: Optional[int] = None):
     return fapl
 
 
-def open_reader(path: pathlib.Path) -> h5py.File:
+def open_reader(path: pathlib.Path, *, refuse_truncated: bool = True) -> h5py.File:
     """Open for SWMR reading (works on a file a live or crashed writer holds)."""
+    if refuse_truncated:
+        check_not_truncated(path)
     try:
         fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ,
                        fapl=_fapl(chunk_cache_bytes=0))
     except FileNotFoundError as exc:
         raise LabelBufferError(f"no label buffer at {str(path)!r}: the file does not exist. "
                                "Create it with mode='a' or mode='w-'.") from exc
-    except OSError as exc:
-        raise LabelBufferError(f"{str(path)!r} is not a readable HDF5 file ({exc}); it is not "
-                               "an ase_petft label buffer.") from exc
+    except PermissionError as exc:
+        raise LabelBufferError(f"cannot read {str(path)!r}: permission denied. Check the "
+                               "file's permissions.") from exc
+    except (OSError, RuntimeError) as exc:
+        raise LabelBufferError(f"{str(path)!r} is not a readable HDF5 file ({exc}). "
+                               f"{_damage_hint(exc)}") from exc
     return h5py.File(fid)
 
 
+def _damage_hint(exc: BaseException) -> str:
+    text = str(exc)
+    if "lock" in text:
+        value = os.environ.get("HDF5_USE_FILE_LOCKING")
+        return ("HDF5 could not lock the file: if the file system does not support locks, "
+                "set HDF5_USE_FILE_LOCKING=BEST_EFFORT (it is "
+                f"{value!r} now); ase_petft keeps its own single-writer lock either way.")
+    return ("If it is a label buffer, it is damaged: copy out the intact frames with "
+            "'petft buffer recover FILE NEW.h5'.")
+
+
+def check_not_truncated(path: pathlib.Path) -> None:
+    """Refuse a file shorter than its HDF5 superblock says (copied partially, disk full).
+
+    A file a writer still holds (or held when it died) may legitimately lag behind its
+    superblock; its frames are then checked one by one by their checksums.
+    """
+    try:
+        head = _native.superblock(path)
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return  # reported by the open that follows
+    except OSError as exc:
+        raise LabelBufferError(f"cannot read {str(path)!r}: {exc}") from exc
+    if head is not None and not head.open_for_write and size < head.end_of_file:
+        raise LabelBufferError(
+            f"{str(path)!r} is damaged: it is {size} bytes long but HDF5 wrote "
+            f"{head.end_of_file} (the file was truncated: a partial copy, a full disk or a "
+            "lost write). Nothing was changed. Copy out the intact frames with "
+            f"'petft buffer recover {path.name} NEW.h5', or restore a backup.")
+
+
 def _open_writer(path: pathlib.Path) -> h5py.File:
-    fid = h5f.open(os.fsencode(path), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE, fapl=_fapl())
+    try:
+        fid = h5f.open(os.fsencode(path), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE, fapl=_fapl())
+    except PermissionError as exc:
+        raise LabelBufferError(f"cannot open {str(path)!r} for writing: permission denied "
+                               "(a read-only file or mount). Open it with mode='r' to read, "
+                               "or copy it somewhere writable.") from exc
     return h5py.File(fid)
 
 
@@ -74,7 +114,8 @@ def open_path(path: pathlib.Path, *, mode: str, layout: dict) -> tuple:
     if mode == "r":
         file = open_reader(path)
         try:
-            return file, None, check_format(file, where)
+            with reading(where):
+                return file, None, check_format(file, where)
         except BaseException:
             file.close()
             raise
@@ -82,7 +123,7 @@ def open_path(path: pathlib.Path, *, mode: str, layout: dict) -> tuple:
     lock = WriterLock(path)
     try:
         remove_stale_temps(path)
-        with open_reader(path) as probe:
+        with open_reader(path) as probe, reading(where):
             settings = check_format(probe, where)
         file, lock, _ = open_writer(path, lock)
     except BaseException:
@@ -104,61 +145,75 @@ def _create_if_needed(path: pathlib.Path, mode: str, layout: dict, where: str) -
         logger.info("created label buffer %s", path)
 
 
+@contextlib.contextmanager
+def reading(where: str):
+    """Report HDF5 failures while reading a buffer as damage (LabelBufferError)."""
+    try:
+        yield
+    except LabelBufferError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise LabelBufferError(
+            f"{where} is damaged: HDF5 cannot read it ({type(exc).__name__}: {exc}). Nothing "
+            "was changed. Copy out the intact frames with 'petft buffer recover FILE "
+            "NEW.h5', or restore a backup.") from exc
+
+
 # -- writer lock -----------------------------------------------------------------------------
 
 
-class WriterLock:
-    """Exclusive advisory lock (``flock``) on the buffer file, held while writing.
+def _busy(path: pathlib.Path) -> LabelBufferError:
+    return LabelBufferError(f"{str(path)!r} is already open for writing (by another process or "
+                            "another LabelBuffer); a buffer has one writer at a time. Open it "
+                            "with mode='r' to read while the other one writes, or close the "
+                            "other one first.")
 
-    HDF5's own locking is disabled because an HDF5 SWMR writer drops its lock after
-    opening; this one is held until close, so a second writer is refused, and a file
-    flagged "open for write" whose lock we obtain was left by a writer that died.
-    The descriptor also serves ``fsync``.
+
+def _unlockable(path: pathlib.Path, exc: OSError) -> LabelBufferError:
+    return LabelBufferError(f"cannot lock {str(path)!r} for writing ({exc}); appending needs a "
+                            "writable directory. Open it with mode='r' to read, or copy it "
+                            "to a writable place.")
+
+
+class WriterLock:
+    """The writer's exclusive lock (a sidecar ``.NAME.lock`` file, see
+    :mod:`ase_petft._locks`) and a descriptor of the data file for ``fsync``.
+
+    HDF5's own locking is disabled where possible (an HDF5 SWMR writer drops its lock
+    after opening, and ``HDF5_USE_FILE_LOCKING`` may switch it on or off); this lock is
+    held until close, so a second writer is refused whatever that variable says, and
+    a file flagged "open for write" whose lock we obtain was left by a writer that died.
     """
 
     def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+        self._lock = ExclusiveLock(self.path, busy=_busy, unusable=_unlockable)
         self.fd = -1
-        for _ in range(5):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            if not _try_lock(fd):
-                os.close(fd)
-                raise LabelBufferError(f"{str(path)!r} is already open for writing (by another "
-                                       "process or another LabelBuffer); a buffer has one writer "
-                                       "at a time. Open it with mode='r' to read while the other "
-                                       "one writes, or close the other one first.")
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                self.fd = fd
-                return
-            os.close(fd)  # the file was replaced while we locked: lock the new one
-        raise LabelBufferError(f"{str(path)!r} keeps being replaced; cannot lock it for writing.")
+        try:
+            self.reopen()
+        except BaseException:
+            self._lock.release()
+            raise
 
-    @classmethod
-    def adopt(cls, fd: int) -> "WriterLock":
-        lock = cls.__new__(cls)
-        lock.fd = fd
-        return lock
+    def reopen(self) -> None:
+        """Point the ``fsync`` descriptor at the file now at ``path`` (after a rebuild)."""
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = fd
 
     def fsync(self) -> None:
         os.fsync(self.fd)
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing the descriptor releases the flock
+            os.close(self.fd)
             self.fd = -1
+        self._lock.release()
 
     def __del__(self):  # a buffer dropped without close() must not keep the file locked
         with contextlib.suppress(Exception):
             self.release()
-
-
-def _try_lock(fd: int) -> bool:
-    if fcntl is None:  # pragma: no cover
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def sync(root: h5py.Group, path: pathlib.Path, lock: Optional[WriterLock]) -> None:
@@ -248,7 +303,8 @@ def open_writer(path: pathlib.Path, lock: WriterLock) -> tuple:
         return _open_writer(path), lock, False
     except OSError as exc:
         if "already open" not in str(exc):
-            raise LabelBufferError(f"cannot open {str(path)!r} for writing: {exc}") from exc
+            raise LabelBufferError(f"cannot open {str(path)!r} for writing ({exc}). "
+                                   f"{_damage_hint(exc)}") from exc
     logger.warning("label buffer %s was not closed cleanly (its writer died); rebuilding it "
                    "from its committed frames", path)
     lock = rebuild(path, lock)
@@ -260,7 +316,8 @@ def rebuild(path: pathlib.Path, lock: WriterLock) -> WriterLock:
 
     The damaged file is only read (SWMR read, as a concurrent reader would); the new
     file is complete and fsynced before it atomically replaces the old one, so a crash
-    during recovery leaves the old file as it was. Returns the lock of the new file.
+    during recovery leaves the old file as it was. Returns ``lock``, now pointing at the
+    new file.
     """
     tmp = _temp_path(path, "recover")
     try:
@@ -272,18 +329,14 @@ def rebuild(path: pathlib.Path, lock: WriterLock) -> WriterLock:
                 _copy_committed(src[name], dst.create_group(name), name)
         fsync_path(tmp)
         os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        if not _try_lock(fd):  # pragma: no cover - nobody else knows the temporary name
-            os.close(fd)
-            raise LabelBufferError(f"cannot lock the recovered copy of {str(path)!r}")
         os.replace(tmp, path)
         _fsync_dir(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    lock.release()
-    return WriterLock.adopt(fd)
+    lock.reopen()
+    return lock
 
 
 def _copy_committed(src: h5py.Group, dst: h5py.Group, name: str) -> None:

@@ -1,4 +1,4 @@
-"""``petft buffer {info,export,import}``: look into and move labels in and out of buffers."""
+"""``petft buffer {info,export,import,recover}``: look into, move and rescue labels."""
 
 from __future__ import annotations
 
@@ -57,6 +57,15 @@ def add_parser(sub) -> None:
     imp.add_argument("--allow-missing-forces", action="store_true",
                      help="accept labels without forces (only when creating the buffer)")
     imp.set_defaults(func=run_import)
+
+    rec = action.add_parser("recover", help="copy the intact frames of a damaged buffer",
+                            description="Copy every frame of a damaged label buffer whose "
+                            "checksum holds into a new buffer (the damaged file is only "
+                            "read). Train on the new one.")
+    rec.add_argument("file", metavar="FILE", help="damaged label buffer (.h5)")
+    rec.add_argument("-o", "--output", required=True, metavar="NEW.h5",
+                     help="new label buffer (must not exist)")
+    rec.set_defaults(func=run_recover)
 
 
 # ---------------------------------------------------------------------- info
@@ -233,3 +242,17 @@ def run_import(args: argparse.Namespace) -> int:
     print(f"{output}: {total} labels")
     return EXIT_OK
 
+
+
+# ---------------------------------------------------------------------- recover
+def run_recover(args: argparse.Namespace) -> int:
+    from ..buffer import recover_buffer
+
+    path = existing_file(args.file, "label buffer")
+    output = pathlib.Path(args.output)
+    if output.exists():
+        raise UsageError(f"output {args.output!r} exists; recovery writes a new file")
+    counts = recover_buffer(path, output)
+    print(f"{output}: recovered {counts['labels']} labels ({counts['labels_lost']} lost) and "
+          f"{counts['failures']} failure records ({counts['failures_lost']} lost) from {path}")
+    return EXIT_OK
