@@ -38,6 +38,7 @@ __all__ = [
     "RESERVED_INFO_KEYS",
     "describe_calculator",
     "is_model_calculator",
+    "level_of_theory",
     "json_safe",
     "utc_now",
 ]
@@ -91,8 +92,11 @@ def is_model_calculator(calc: object) -> bool:
 def describe_calculator(calc: object) -> dict:
     """``{"name", "class", "parameters"}`` of a calculator; never raises.
 
-    ``parameters`` is ``calc.todict()`` (or ``calc.parameters``) made JSON-safe by
-    :func:`json_safe`; when ``todict()`` raises, the error is recorded instead.
+    ``parameters`` is ``calc.default_parameters`` updated with ``calc.todict()`` (or
+    ``calc.parameters``), made JSON-safe by :func:`json_safe`: ASE's ``todict()`` leaves
+    out parameters at their default, so without the defaults a GFN2-xTB label (tblite's
+    default method) could not be told from a GFN1-xTB one. When ``todict()`` raises, the
+    error is recorded instead.
     """
     cls = type(calc)
     name = getattr(calc, "name", None)
@@ -103,12 +107,28 @@ def describe_calculator(calc: object) -> dict:
             params = calc.todict()
         else:
             params = getattr(calc, "parameters", None) or {}
+        defaults = getattr(calc, "default_parameters", None)
+        if isinstance(defaults, dict) and isinstance(params, dict):
+            params = {**defaults, **params}
         parameters = json_safe(params)
     except Exception as exc:  # a broken todict() must not lose the label
         parameters = {"__error__": f"todict() raised {type(exc).__name__}: {exc}"}
     if not isinstance(parameters, dict):
         parameters = {"value": parameters}
     return {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "parameters": parameters}
+
+
+LEVEL_KEYS = ("method", "xc", "functional", "level", "model")
+
+
+def level_of_theory(parameters: Any) -> str | None:
+    """The method a reference's recorded parameters name (``method``, ``xc``...), if any."""
+    if isinstance(parameters, dict):
+        for key in LEVEL_KEYS:
+            value = parameters.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None
 
 
 def json_safe(obj: Any, _depth: int = 0) -> Any:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from concurrent.futures import Executor
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from ase import Atoms
@@ -24,7 +25,7 @@ from ase.calculators.calculator import all_changes, all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from . import _provenance as prov
-from .errors import LabellingError
+from .errors import ConfigError, LabellingError
 
 __all__ = ["label", "label_many"]
 
@@ -36,7 +37,7 @@ _STALE_INFO_KEYS = (prov.VARIANT, prov.INDEX, prov.APPENDED_AT, prov.VERSION)
 
 
 def label(atoms: Atoms, reference, *, properties: Sequence[str] = _DEFAULT_PROPERTIES,
-          copy_reference: bool = True) -> Atoms:
+          copy_reference: bool = True, timeout: Optional[float] = None) -> Atoms:
     """Compute reference ``properties`` for a copy of ``atoms``; returns the labelled copy.
 
     ``"stress"`` is computed only for cells periodic in all three directions.
@@ -48,19 +49,32 @@ def label(atoms: Atoms, reference, *, properties: Sequence[str] = _DEFAULT_PROPE
     calculation runs on ``reference`` itself and its ``atoms`` and ``results`` are
     restored afterwards; its internal caches and files may then have changed.
 
-    :raises LabellingError: when the reference raises or returns missing or
-        non-finite results; ``error.atoms`` is a copy of the structure and the
+    With ``timeout`` (seconds), a calculation that has not returned by then is
+    abandoned and reported as a :class:`LabellingError`: it goes on in a background
+    thread (Python cannot stop it; an external program it started keeps running until
+    it ends), on the deep copy of the reference, so the caller's calculator is free.
+    Without a copy (``copy_reference=False`` or not copyable) a timeout is refused.
+
+    :raises LabellingError: when the reference raises, times out, or returns missing
+        or non-finite results; ``error.atoms`` is a copy of the structure and the
         original exception is chained.
     """
     _check_inputs(atoms, reference)
+    if timeout is not None and not float(timeout) > 0:
+        raise ConfigError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
     request = _requested(atoms, properties)
     calc, restore = _calculator(reference, copy_reference)
+    if timeout is not None and calc is reference:
+        raise ConfigError(
+            f"a timeout needs a copy of the reference, and {_name(reference)} cannot be "
+            "deep-copied (or copy_reference=False): an abandoned call would keep using it. "
+            "Drop the timeout or make the calculator copyable.")
     work = atoms.copy()
     work.calc = None
     try:
         start = time.perf_counter()
         try:
-            results = _compute(calc, work, request)
+            results = _compute(calc, work, request, timeout)
         finally:
             wall_time = time.perf_counter() - start
             restore()
@@ -74,7 +88,7 @@ def label(atoms: Atoms, reference, *, properties: Sequence[str] = _DEFAULT_PROPE
 
 def label_many(frames: Iterable[Atoms], reference, *, executor: Executor | None = None,
                properties: Sequence[str] = _DEFAULT_PROPERTIES,
-               copy_reference: bool = True) -> list:
+               copy_reference: bool = True, timeout: Optional[float] = None) -> list:
     """Label many structures, inline (``executor=None``) or on a ``concurrent.futures.Executor``.
 
     Returns one entry per input frame, in input order: the labelled ``ase.Atoms``, or
@@ -89,7 +103,8 @@ def label_many(frames: Iterable[Atoms], reference, *, executor: Executor | None 
             raise TypeError(f"frame {i} is a {type(atoms).__name__}, expected ase.Atoms")
     _check_inputs(frames[0] if frames else Atoms(), reference)
     _requested(Atoms(), properties)  # validate the names once, before submitting anything
-    kwargs = {"properties": tuple(properties), "copy_reference": copy_reference}
+    kwargs = {"properties": tuple(properties), "copy_reference": copy_reference,
+              "timeout": timeout}
     if executor is None:
         return [_label_or_error(atoms, reference, kwargs) for atoms in frames]
     futures = []
@@ -170,7 +185,28 @@ def _calculator(reference, copy_reference: bool) -> tuple:
     return reference, restore
 
 
-def _compute(calc, atoms: Atoms, request: list) -> dict:
+def _compute(calc, atoms: Atoms, request: list, timeout: Optional[float] = None) -> dict:
+    if timeout is None:
+        return _compute_now(calc, atoms, request)
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["results"] = _compute_now(calc, atoms, request)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="petft-reference", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no result after {timeout:g} s (timeout); the call was abandoned")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["results"]
+
+
+def _compute_now(calc, atoms: Atoms, request: list) -> dict:
     if hasattr(calc, "calculate") and hasattr(calc, "results"):
         calc.calculate(atoms, list(request), list(all_changes))
         return {k: calc.results[k] for k in request if k in calc.results}

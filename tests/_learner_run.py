@@ -1,6 +1,10 @@
 """A learner run for the restart tests: EMT reference that counts its calls in a file.
 
-usage: python _learner_run.py CHECKPOINT WORKDIR STEPS REFIT_EVERY
+usage: python _learner_run.py CHECKPOINT WORKDIR STEPS REFIT_EVERY [interrupt]
+
+With ``interrupt`` the refits are long full refits in the background, run inside
+``with learner:``, and ``REFIT_RUNNING`` is printed once one is in flight (the test then
+sends SIGINT).
 """
 
 import pathlib
@@ -32,6 +36,28 @@ class CountingEMT(EMT):
             super().calculate(atoms, properties, system_changes)
 
 
+def interrupted(checkpoint, workdir, steps, refit_every):
+    atoms = emt_frames(1, seed=21)[0]
+    calc = FineTunableCalculator(checkpoint, variant="energy/emt")
+    atoms.calc = calc
+    with LabelBuffer(workdir / "labels.h5", mode="a") as buffer, OnTheFlyLearner(
+            calc, EMT(), buffer, select=every(1), refit_every=refit_every, background=True,
+            workdir=workdir / "learner",
+            config=FineTuneConfig(method="full", num_epochs=100000, seed=0)) as learner:
+        dyn = Langevin(atoms, 1 * units.fs, temperature_K=300, friction=0.02,
+                       rng=np.random.default_rng(0), fixcm=False)
+        learner.attach(dyn)
+        shown = []
+
+        def report():
+            if learner.refit_in_progress and not shown:
+                shown.append(True)
+                print("REFIT_RUNNING", flush=True)
+        dyn.attach(report)
+        dyn.run(steps)
+    print("DONE", flush=True)
+
+
 def main(checkpoint, workdir, steps, refit_every):
     workdir = pathlib.Path(workdir)
     atoms = emt_frames(1, seed=21)[0]
@@ -54,4 +80,5 @@ def main(checkpoint, workdir, steps, refit_every):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    run = interrupted if sys.argv[5:] == ["interrupt"] else main
+    run(sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

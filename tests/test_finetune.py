@@ -462,3 +462,54 @@ def test_sgd_on_labels_without_stress(emt_checkpoint, tmp_path, method):
     assert after["forces_mae_meV_per_A"] == pytest.approx(measured["forces_mae_meV_per_A"],
                                                           rel=1e-3)
     assert after["forces_mae_meV_per_A"] != result.metrics["before"]["forces_mae_meV_per_A"]
+
+
+def test_frames_of_another_variant_are_refused_unless_told(tmp_path):
+    from ase_petft.errors import TrainingDataError
+    from ase_petft.finetune.data import group_by_variant
+
+    pbe0 = level_frames(3, seed=4)
+    for atoms in pbe0:
+        atoms.info["variant"] = "energy/pbe0"
+    with pytest.raises(TrainingDataError, match="another level of theory.*energy/pbe0.*"
+                       "ignore_frame_variants=True"):
+        group_by_variant(pbe0, variant=NEW)
+    with pytest.raises(TrainingDataError, match="replay energy frame"):
+        group_by_variant(level_frames(2, seed=5), variant=NEW, replay={"energy": pbe0})
+    groups = group_by_variant(pbe0, variant=NEW, ignore_frame_variants=True)
+    assert len(groups[NEW]) == 3
+
+
+def test_frames_from_a_buffer_path_or_a_structure_file(tmp_path):
+    import ase.io
+
+    from ase_petft.buffer import LabelBuffer
+    from ase_petft.errors import TrainingDataError
+    from ase_petft.finetune.data import group_by_variant
+
+    frames = level_frames(3, seed=6)
+    with LabelBuffer(tmp_path / "labels.h5") as buffer:
+        buffer.extend(frames, variant=NEW)
+        buffer.extend(level_frames(2, seed=7), variant="energy")
+    ase.io.write(tmp_path / "labels.xyz", frames, format="extxyz")
+    for source in (tmp_path / "labels.h5", str(tmp_path / "labels.xyz")):
+        labels = group_by_variant(source, variant=NEW)[NEW]
+        assert [lab.energy for lab in labels] == [a.get_potential_energy() for a in frames]
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        group_by_variant(tmp_path / "missing.h5", variant=NEW)
+    with pytest.raises(TrainingDataError, match="not int"):
+        group_by_variant(3, variant=NEW)
+
+
+def test_an_output_dir_holding_a_generation_is_not_overwritten(emt_checkpoint, tmp_path):
+    from ase_petft.errors import ConfigError
+
+    frames = emt_frames(4, seed=8)
+    first = finetune(emt_checkpoint, frames, variant=NEW, output_dir=tmp_path / "gen")
+    before = pathlib.Path(first.checkpoint_path).read_bytes()
+    with pytest.raises(ConfigError, match="already holds a generation.*overwrite=True"):
+        finetune(emt_checkpoint, emt_frames(4, seed=9), variant=NEW, output_dir=tmp_path / "gen")
+    assert pathlib.Path(first.checkpoint_path).read_bytes() == before
+    again = finetune(emt_checkpoint, emt_frames(4, seed=9), variant=NEW,
+                     output_dir=tmp_path / "gen", overwrite=True)
+    assert pathlib.Path(again.checkpoint_path).read_bytes() != before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -262,6 +263,15 @@ def test_sigkill_then_rerun_resumes_without_repeating_references(emt_checkpoint,
     new_calls = calls_after - calls_before
     assert labelled_after > labelled_before  # all old labels kept, new ones added
     assert new_calls == labelled_after - labelled_before  # no structure labelled twice
+    history = [json.loads(line) for line in
+               (tmp_path / "learner" / "history.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in history]
+    assert steps == sorted(steps), "step numbers go back after a restart"
+    assert max(row["step"] for row in frames_info(frames)) > 40  # the 2nd run counts on
+
+
+def frames_info(frames):
+    return [a.info for a in frames]
 
 
 class CountingEMT(EMT):

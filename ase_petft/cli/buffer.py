@@ -122,8 +122,11 @@ def _variant_summary(frames) -> Dict[str, Any]:
 
 
 def _reference_name(info) -> str:
+    from .._provenance import level_of_theory
+
     if info.get("reference"):
-        return str(info["reference"])
+        level = level_of_theory(info.get("reference_parameters"))
+        return f"{info['reference']} ({level})" if level else str(info["reference"])
     if info.get("source"):  # imported from a file: no reference recorded
         return f"imported from {pathlib.Path(str(info['source'])).name}"
     return "unknown"

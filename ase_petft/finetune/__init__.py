@@ -65,11 +65,13 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
              config: Optional[FineTuneConfig] = None, output_dir: os.PathLike | str,
              replay=None, generation: Optional[int] = None,
              progress: Optional[Progress] = None, export: bool = True,
-             overwrite: bool = False, validation=None) -> FineTuneResult:
+             overwrite: bool = False, validation=None,
+             ignore_frame_variants: bool = False) -> FineTuneResult:
     """Fine-tune ``variant`` of a PET checkpoint on labelled frames, in-process.
 
     :param checkpoint: metatrain PET checkpoint (trusted pickle); never modified.
-    :param frames: labelled frames of ``variant`` (list of ``ase.Atoms`` or a buffer).
+    :param frames: labelled frames of ``variant``: a list of ``ase.Atoms``, a
+        :class:`LabelBuffer`, or a path (a label buffer, or a file ``ase.io.read`` reads).
     :param variant: ``"energy"`` or ``"energy/<name>"``; a variant missing from the
         checkpoint is created from ``config.inherit_from``.
     :param config: settings (default ``FineTuneConfig()``: heads, linear solver).
@@ -82,6 +84,8 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
     :param validation: labelled frames of ``variant`` that are never trained on; they
         pick the best SGD epoch and give the reported metrics, and no other labels are
         held out (``config.validation_fraction`` is then not used).
+    :param ignore_frame_variants: train on frames whose ``atoms.info["variant"]`` names
+        another variant (refused by default: a head would learn another level of theory).
     :raises InputError: bad input (too few/unlabelled frames, unknown elements, a
         variant without labels, a bad config or checkpoint), before any training.
     :raises FineTuneError: the run failed (divergence, NaN weights); cause chained.
@@ -89,13 +93,14 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
     result, _ = finetune_with_model(
         checkpoint, frames, variant=variant, config=config, output_dir=output_dir,
         replay=replay, generation=generation, progress=progress, export=export,
-        overwrite=overwrite, validation=validation)
+        overwrite=overwrite, validation=validation,
+        ignore_frame_variants=ignore_frame_variants)
     return result
 
 
 def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output_dir,
                         replay=None, generation=None, progress=None, export=True,
-                        overwrite=False, validation=None):
+                        overwrite=False, validation=None, ignore_frame_variants=False):
     """:func:`finetune`, also returning the trained PET module (in-process callers
     swap it into a calculator without reading the checkpoint back)."""
     from . import prepare, run as engine
@@ -109,7 +114,8 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     output_dir = pathlib.Path(output_dir).resolve()
     check_output_dir(checkpoint, output_dir, overwrite=overwrite)
     run = prepare.prepare_run(checkpoint, frames, variant=variant, config=config,
-                              replay=replay, validation=validation)
+                              replay=replay, validation=validation,
+                              ignore_frame_variants=ignore_frame_variants)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".scratch-") as scratch:

@@ -18,7 +18,7 @@ from ..config import FineTuneConfig
 from ..errors import CheckpointError, TrainingDataError
 from ..labels import Label, check_elements, labels_from_frames
 from ..variants import new_variant_description, require_variant
-from .data import group_by_variant
+from .data import check_frame_variants, group_by_variant
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ class Run:
 
 # ---------------------------------------------------------------------- preparation
 def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
-                config: FineTuneConfig, replay, validation=None) -> Run:
+                config: FineTuneConfig, replay, validation=None,
+                ignore_frame_variants: bool = False) -> Run:
     """Check everything and split the labels. With ``validation`` (labelled frames of
     ``variant`` that are never trained on, e.g. a learner's held-out labels) there is
     no split at all: every frame trains and ``validation`` selects and reports."""
     _metatrain.import_metatrain()
-    groups = group_by_variant(frames, variant=variant, replay=replay)
+    groups = group_by_variant(frames, variant=variant, replay=replay,
+                              ignore_frame_variants=ignore_frame_variants)
     if len(groups[variant]) < config.min_frames:
         raise TrainingDataError(
             f"too few labelled frames for {variant!r}: got {len(groups[variant])}, "
@@ -62,7 +64,10 @@ def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
     for name in sorted(groups):
         train[name], val[name] = _split(groups[name], fraction, rng)
     if validation is not None:
-        val[variant] = labels_from_frames(list(validation))
+        validation = list(validation)
+        if not ignore_frame_variants:
+            check_frame_variants(validation, variant, what="validation frame")
+        val[variant] = labels_from_frames(validation)
         for i, label in enumerate(val[variant]):
             check_elements(label.atoms, _metatrain.atomic_types(model),
                            what=f"validation frame {i}", fix="drop it")

@@ -20,13 +20,20 @@ are never trained on and judge every refit.
 
 Running the same script again resumes: labels come from the buffer (a structure already
 labelled is never sent to the reference again), the calculator gets the latest accepted
-generation, and generation numbers continue.
+generation, and generation and step numbers continue. The MD state itself is the
+script's to save (an ``ase.io.Trajectory`` attached to the dynamics; read its last
+frame on restart, see the README). One learner at a time uses a work directory (a lock
+file ``.learner.lock`` in it).
+
+Ctrl-C (or any exception) inside ``with learner:`` does not wait for a refit in flight:
+it is abandoned (its generation folder stays unfinished and is ignored on restart).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import threading
 import math
 import logging
 import pathlib
@@ -36,6 +43,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .._locks import ExclusiveLock
 from ..errors import ConfigError, LabellingError
 from . import gate
 from . import workdir as wd
@@ -81,6 +89,9 @@ class OnTheFlyLearner:
         simulation counts as unphysical and what happens then (default: roll back to
         the last generation that ran healthily and restore the last healthy structure;
         no reference call is ever made on an unphysical structure).
+    :param reference_timeout: seconds after which a reference call is abandoned and
+        recorded as a failure (default None: wait as long as it takes); see
+        :func:`ase_petft.label`.
     :param gate: a :class:`~ase_petft.learner.gate.GateConfig`: the stability probe and
         the do-no-harm bound every refit must pass besides the held-out labels and the
         anchor set (the labels held out before the first refit, a yardstick that does
@@ -93,11 +104,14 @@ class OnTheFlyLearner:
                  workdir=None, atoms=None, executor=None, tolerance: float = 0.0,
                  properties=("energy", "forces"), refit_threads: Optional[int] = 1,
                  dynamics=None, watchdog: Optional[WatchdogConfig] = None,
-                 gate: Optional[GateConfig] = None) -> None:
+                 gate: Optional[GateConfig] = None,
+                 reference_timeout: Optional[float] = None) -> None:
         from ..config import FineTuneConfig
 
         _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
                   max_labels, tolerance)
+        _validate_more(config, properties, refit_threads, reference_timeout)
+        self.reference_timeout = reference_timeout
         watchdog = WatchdogConfig() if watchdog is None else watchdog
         if not isinstance(watchdog, WatchdogConfig):
             raise ConfigError(f"watchdog must be a WatchdogConfig, got {type(watchdog).__name__}")
@@ -115,7 +129,13 @@ class OnTheFlyLearner:
         self.refit_threads = refit_threads
         self.workdir = pathlib.Path(workdir) if workdir else pathlib.Path(
             tempfile.mkdtemp(prefix="petft-learner-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the work directory {str(self.workdir)!r}: "
+                              f"{exc}") from exc
+        self._lock = ExclusiveLock(self.workdir / "learner", busy=_workdir_busy,
+                                   unusable=_workdir_unusable)
         self._atoms, self._executor = atoms, executor
         self._own_executor = None
         self._future: Optional[concurrent.futures.Future] = None
@@ -123,7 +143,12 @@ class OnTheFlyLearner:
         self._dynamics = dynamics
         self.history: List[Dict[str, Any]] = []
         self.reference_calls = 0
-        self._resume()
+        self._step_offset = 0
+        try:
+            self._resume()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # ------------------------------------------------------------------ state
     @property
@@ -150,6 +175,9 @@ class OnTheFlyLearner:
         self._anchor = None if first is None else tuple(
             a for a in frames[:first] if a.info.get("holdout"))
         self._attempt = wd.last_number(self.workdir)
+        self._step_offset = max((int(r.get("step") or 0) for r in wd.read_history(self.workdir)),
+                                default=0)
+        self._step = self._step_offset
         self._restore_generation(done)
         self._refit_uncertainty(frames)
 
@@ -238,8 +266,9 @@ class OnTheFlyLearner:
         return getattr(self._dynamics, "atoms", None)
 
     def _md_step(self) -> int:
+        """Steps of this run, after those of the runs this work directory resumes."""
         nsteps = getattr(self._dynamics, "nsteps", None)
-        return int(nsteps) if nsteps is not None else self._calls
+        return self._step_offset + (int(nsteps) if nsteps is not None else self._calls)
 
     def _current_atoms(self):
         atoms = self._atoms if self._atoms is not None else self.calc.atoms
@@ -267,7 +296,8 @@ class OnTheFlyLearner:
         start = time.perf_counter()
         self.reference_calls += 1
         try:
-            labelled = label(atoms, self.reference, properties=self._properties(atoms))
+            labelled = label(atoms, self.reference, properties=self._properties(atoms),
+                             timeout=self.reference_timeout)
         except LabellingError as exc:
             self.buffer.record_failure(exc.atoms if exc.atoms is not None else atoms,
                                        error=exc, variant=self.variant, step=self._step)
@@ -417,8 +447,7 @@ class OnTheFlyLearner:
         if self._executor is not None:
             return self._executor
         if self._own_executor is None:
-            self._own_executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="petft-refit")
+            self._own_executor = _DaemonExecutor()
         return self._own_executor
 
     def _collect_refit(self) -> None:
@@ -489,24 +518,61 @@ class OnTheFlyLearner:
             concurrent.futures.wait([self._future], timeout=timeout)
             self._collect_refit()
 
-    def close(self) -> None:
-        """Finish a refit in flight and release the learner's own thread pool."""
-        self.wait()
-        if self._own_executor is not None:
-            self._own_executor.shutdown(wait=True)
-            self._own_executor = None
+    def close(self, *, abandon: bool = False) -> None:
+        """Finish a refit in flight (or, with ``abandon=True``, leave it: it is never
+        swapped in) and release the work directory."""
+        if abandon and self.refit_in_progress:
+            self._event("refit_abandoned", generation=self._attempt)
+            logger.warning("abandoned refit %d in flight (its folder is left unfinished)",
+                           self._attempt)
+            self._future = None
+            self._restore_cores()
+        else:
+            self.wait()
+        self._own_executor = None
+        self._lock.release()
 
     def __enter__(self) -> "OnTheFlyLearner":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abandon=exc_type is not None)  # Ctrl-C must not wait for a refit
 
     def _event(self, event: str, **fields) -> None:
         row = {"step": self._step, "event": event, "generation": self.calc.generation,
                "n_labels": self._n_labels, "time": time.time(), **fields}
         self.history.append(row)
         wd.append_history(self.workdir, row)
+
+
+class _DaemonExecutor(concurrent.futures.Executor):
+    """One daemon thread per refit: an interrupted program exits without waiting for
+    it (a ThreadPoolExecutor's workers are joined at interpreter exit)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="petft-refit", daemon=True).start()
+        return future
+
+
+def _workdir_busy(target: pathlib.Path) -> ConfigError:
+    return ConfigError(f"the work directory {str(target.parent)!r} is in use by another "
+                       "learner (its lock file .learner.lock is held); one learner writes a "
+                       "work directory at a time. Use another workdir, or stop the other run.")
+
+
+def _workdir_unusable(target: pathlib.Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot lock the work directory {str(target.parent)!r} ({exc}); it "
+                       "must be writable.")
 
 
 def _maybe(ctx: StepContext) -> Optional[float]:
@@ -532,6 +598,27 @@ def _safe_refit(spec, threads: Optional[int]):
     except Exception as exc:
         logger.debug("refit failed", exc_info=True)
         return exc
+
+
+def _validate_more(config, properties, refit_threads, reference_timeout) -> None:
+    from ..config import FineTuneConfig
+
+    if config is not None and not isinstance(config, FineTuneConfig):
+        raise ConfigError(f"config must be a FineTuneConfig, got {type(config).__name__}; "
+                          "build one with FineTuneConfig(**settings)")
+    allowed = ("energy", "forces", "stress")
+    props = tuple(properties) if isinstance(properties, (list, tuple)) else None
+    if not props or any(p not in allowed for p in props) or "energy" not in props:
+        raise ConfigError(f"properties must be a tuple of {allowed} that includes 'energy' "
+                          f"(the model is fitted to energies), got {properties!r}")
+    if refit_threads is not None and (isinstance(refit_threads, bool)
+                                      or not isinstance(refit_threads, int) or refit_threads < 1):
+        raise ConfigError(f"refit_threads must be None or a positive integer, got "
+                          f"{refit_threads!r}")
+    if reference_timeout is not None and (isinstance(reference_timeout, bool) or not isinstance(
+            reference_timeout, (int, float)) or not reference_timeout > 0):
+        raise ConfigError(f"reference_timeout must be None or a positive number of seconds, "
+                          f"got {reference_timeout!r}")
 
 
 def _validate(calc, reference, buffer, select, refit_every, holdout_fraction,

@@ -1,0 +1,123 @@
+"""Reliability of the learner and the labelling: locks, timeouts, validation, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+
+from ase_petft import ConfigError, FineTunableCalculator, FineTuneConfig, LabelBuffer
+from ase_petft.labelling import label
+from ase_petft.errors import LabellingError
+from ase_petft.learner import OnTheFlyLearner, every
+
+from conftest import emt_frames
+
+HERE = pathlib.Path(__file__).parent
+
+
+class SlowEMT(EMT):
+    """EMT that hangs for ``delay`` seconds (a stuck SCF)."""
+
+    def __init__(self, delay):
+        super().__init__()
+        self.delay = delay
+
+    def calculate(self, *args, **kwargs):
+        time.sleep(self.delay)
+        super().calculate(*args, **kwargs)
+
+
+@pytest.fixture
+def parts(emt_checkpoint, tmp_path):
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    atoms = emt_frames(1, seed=5)[0]
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer:
+        yield calc, atoms, buffer, tmp_path / "learner"
+
+
+def test_two_learners_cannot_share_a_work_directory(parts):
+    calc, atoms, buffer, workdir = parts
+    first = OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, background=False)
+    with pytest.raises(ConfigError, match="in use by another learner"):
+        OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, background=False)
+    first.close()
+    with OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, background=False):
+        pass  # free again once the first one closed
+
+
+def test_a_hanging_reference_times_out_and_is_recorded(parts):
+    calc, atoms, buffer, workdir = parts
+    with OnTheFlyLearner(calc, SlowEMT(30.0), buffer, workdir=workdir, select=every(1),
+                         background=False, reference_timeout=0.5) as learner:
+        start = time.perf_counter()
+        learner()
+        took = time.perf_counter() - start
+    assert took < 5.0, f"the step waited {took:.1f} s for a hanging reference"
+    assert len(buffer) == 0
+    (failure,) = buffer.failures()
+    assert "timeout" in failure.info["error"]
+    assert [row["event"] for row in learner.history].count("label_failed") == 1
+    quick = label(atoms, SlowEMT(0.0), timeout=5.0)  # a call within its time is a label
+    direct = atoms.copy()
+    direct.calc = EMT()
+    assert np.array_equal(quick.get_forces(), direct.get_forces())
+    with pytest.raises(LabellingError, match="timeout"):
+        label(atoms, SlowEMT(10.0), timeout=0.2)
+    with pytest.raises(ConfigError, match="timeout"):
+        label(atoms, EMT(), timeout=0)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"config": {"method": "heads"}}, "config must be a FineTuneConfig"),
+    ({"properties": ("forces",)}, "properties must"),
+    ({"properties": ("energy", "dipole")}, "properties must"),
+    ({"refit_threads": 0}, "refit_threads"),
+    ({"reference_timeout": -1}, "reference_timeout"),
+])
+def test_learner_settings_are_validated_at_construction(parts, kwargs, named):
+    calc, atoms, buffer, workdir = parts
+    with pytest.raises(ConfigError, match=named):
+        OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, **kwargs)
+    with OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir):  # nothing was left locked
+        pass
+
+
+def test_ctrl_c_during_a_background_refit_stops_promptly(emt_checkpoint, tmp_path):
+    cmd = [sys.executable, str(HERE / "_learner_run.py"), str(emt_checkpoint), str(tmp_path),
+           "400", "2", "interrupt"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as proc:
+        for line in proc.stdout:
+            if line.strip() == "REFIT_RUNNING":
+                break
+        else:
+            pytest.fail(f"no refit started: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        stopped = time.perf_counter() - sent
+        stderr = proc.stderr.read()
+    assert stopped < 10.0, f"took {stopped:.1f} s to stop after Ctrl-C"
+    assert "KeyboardInterrupt" in stderr
+    with LabelBuffer(tmp_path / "labels.h5", mode="a") as buffer:  # consistent, unlocked
+        n = len(buffer)
+        assert n >= 2
+        calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+        with OnTheFlyLearner(calc, EMT(), buffer, workdir=tmp_path / "learner",
+                             background=False):
+            pass
+    assert calc.generation == 0  # the abandoned refit was never swapped in
+    rows = (tmp_path / "learner" / "history.jsonl").read_text()
+    assert "refit_abandoned" in rows
