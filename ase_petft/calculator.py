@@ -30,6 +30,7 @@ from ase.calculators.calculator import (
 from . import _metatrain
 from .errors import CheckpointError, ConfigError, ModelSwapError, UnsupportedSystemError
 from .labels import check_elements
+from .systems import StructureCheck
 from .uncertainty import EnergyUncertainty
 from .variants import (is_one_typo_away, new_variant_description, require_variant,
                        validate_variant)
@@ -91,6 +92,8 @@ class FineTunableCalculator(Calculator):
         self._variants = _metatrain.energy_variants(self._model)
         self._atomic_types = set(_metatrain.atomic_types(self._model))
         self._inner = self._build_inner()
+        self._structure_check = StructureCheck(
+            _metatrain.interaction_cutoff(self._model), float32=str(self._dtype) == "torch.float32")
         self._uncertainty = EnergyUncertainty(self, method=uncertainty)
         self.parameters = self.todict()
 
@@ -193,6 +196,7 @@ class FineTunableCalculator(Calculator):
             self.results = results
 
     def _check_atoms(self, atoms, properties) -> None:
+        self._structure_check(atoms)
         check_elements(atoms, self._atomic_types, what="the structure",
                        fix="use a checkpoint that covers these elements",
                        error=UnsupportedSystemError)
@@ -245,6 +249,8 @@ class FineTunableCalculator(Calculator):
             dropped = _metatrain.check_swap_compatible(
                 self._model, new, variant=self._variant
             )
+            live_variants = set(_metatrain.energy_variants(self._model))
+            extra = [v for v in _metatrain.energy_variants(new) if v not in live_variants]
             if _metatrain.swap_weights(self._model, new):
                 # composition/scale changed: the compiled copy holds its own maps
                 self._inner = self._build_inner()
@@ -261,6 +267,11 @@ class FineTunableCalculator(Calculator):
                 "without replay); those variants are no longer available",
                 self._generation, dropped,
             )
+        if extra:
+            logger.warning(
+                "%s also has head(s) %s that the running model lacks; they were not swapped "
+                "in (this calculator predicts %r). To use them, build a new "
+                "FineTunableCalculator from that checkpoint", path, extra, self._variant)
         logger.info("swapped in %s as generation %d", path, self._generation)
         return self._generation
 

@@ -524,11 +524,15 @@ def test_import_extxyz_traj_and_db(path, tmp_path):
     with LabelBuffer(path) as buffer:
         assert buffer.import_file(tmp_path / "a.traj", variant="energy/emt", run=1) == range(0, 3)
         buffer.import_file(tmp_path / "a.xyz", variant="energy/emt")
-        buffer.import_file(tmp_path / "a.db", variant="energy/emt")
+        assert len(buffer.import_file(tmp_path / "a.db", variant="energy/emt")) == 0  # as .traj
+        buffer.import_file(tmp_path / "a.db", variant="energy/emt", skip_duplicates=False)
         buffer.import_file(tmp_path / "custom.xyz", variant="energy/emt", energy_key="REF_energy",
-                           forces_key="REF_forces")
+                           forces_key="REF_forces", skip_duplicates=False)  # == a.xyz
         assert len(buffer) == 12
-        for k, got in enumerate(buffer):
+        assert len(buffer.import_file(tmp_path / "a.xyz", variant="energy/emt")) == 0
+        assert len(buffer.import_file(tmp_path / "a.xyz", variant="energy/other")) == 3
+        assert len(buffer.indices("energy/emt")) == 12
+        for k, got in enumerate(buffer.frames("energy/emt")):
             want = frames[k % 3].calc.results
             assert got.info["source_index"] == k % 3
             np.testing.assert_allclose(got.calc.results["forces"], want["forces"], atol=1e-8)
@@ -541,7 +545,7 @@ def test_import_extxyz_traj_and_db(path, tmp_path):
             buffer.import_file(tmp_path / "bare.xyz", variant="energy/emt")
         with pytest.raises(LabelBufferError, match="cannot read"):
             buffer.import_file(tmp_path / "missing.xyz", variant="energy/emt")
-        assert len(buffer) == 12
+        assert len(buffer) == 15
 
 
 def test_mtt_train_trains_on_an_exported_buffer(tmp_path):

@@ -218,3 +218,33 @@ def test_frames_can_skip_a_damaged_frame(good, tmp_path):
         assert buffer.to_extxyz(tmp_path / "out.xyz", variant=buffer.variants[0],
                                 skip_damaged=True) == len(buffer.indices(buffer.variants[0])) - (
                                     buffer.indices(buffer.variants[0]).count(7))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 KiB tmpfs (needs the right to mount; skipped elsewhere)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_gives_buffer_errors_and_keeps_committed_frames(small_disk):
+    path = small_disk / "labels.h5"
+    committed = []
+    with pytest.raises(LabelBufferError, match="(?s)the frames were not committed"):
+        with LabelBuffer(path, "a") as buffer:
+            for i in range(100000):
+                atoms, variant, meta = make_frame(f"d-{i}")
+                buffer.append(atoms, variant=variant, **meta)
+                committed.append(f"d-{i}")
+    assert len(committed) > 5
+    with LabelBuffer(path, "r") as buffer:  # everything that returned is there
+        assert [a.info["frame_id"] for a in buffer.frames()] == committed
+    with pytest.raises(LabelBufferError, match="(?s)cannot create the label buffer.*disk not full"):
+        LabelBuffer(small_disk / "another.h5", "w-")
+    assert not (small_disk / "another.h5").exists()

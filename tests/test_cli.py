@@ -141,7 +141,11 @@ def test_buffer_import_info_export_round_trip(tmp_path, labels_xyz, capsys):
     buffer = tmp_path / "labels.h5"
     assert main(["buffer", "import", str(labels_xyz), str(labels_xyz), "-o", str(buffer),
                  "--variant", "energy/emt"]) == 0
-    assert "16 labels" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the second copy adds nothing (same structures)
+    assert "imported 8 labels" in out and "imported 0 labels" in out and ": 8 labels" in out
+    assert main(["buffer", "import", str(labels_xyz), "-o", str(buffer), "--variant",
+                 "energy/emt", "--keep-duplicates"]) == 0
+    assert ": 16 labels" in capsys.readouterr().out
 
     assert main(["buffer", "info", str(buffer)]) == 0
     text = capsys.readouterr().out
@@ -319,3 +323,28 @@ def test_report_into_an_existing_file_is_exit_code_2(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("petft report: error: ")
     assert "exists and is not a directory" in lines[0]
     assert taken.read_text() == "mine"
+
+
+def test_report_of_a_restarted_run_with_failures_and_a_threshold(tmp_path):
+    from ase_petft.report import continuous_steps, thresholds
+
+    workdir = tmp_path / "learner"
+    workdir.mkdir()
+    rows = [{"step": 0, "event": "start", "policy": "uncertainty_above(0.02) | max_gap(50)"},
+            *({"step": s, "event": "label", "generation": 0, "holdout": False,
+               "uncertainty": 0.03} for s in (3, 9)),
+            {"step": 12, "event": "label_failed", "generation": 0, "error": "SCF"},
+            {"step": 30, "event": "close"},
+            # a run written before step numbers continued across restarts
+            {"step": 0, "event": "start", "policy": "uncertainty_above(0.01)"},
+            {"step": 4, "event": "label", "generation": 0, "holdout": True,
+             "uncertainty": 0.05}]
+    (workdir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = [row["step"] for row in continuous_steps(rows)]
+    assert steps == sorted(steps) and steps[-1] == 34  # 30 + 4, no line back to 0
+    assert thresholds(rows) == [0.01, 0.02]
+    report = write_report(workdir, tmp_path / "report")
+    assert [r["ok"] for r in report.labels] == [True, True, False, True]
+    assert "observer steps: 34" in report.summary
+    assert "3 ok, 1 failed" in report.summary
+    assert report.files["trajectory"].stat().st_size > 5000

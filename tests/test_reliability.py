@@ -121,3 +121,99 @@ def test_ctrl_c_during_a_background_refit_stops_promptly(emt_checkpoint, tmp_pat
     assert calc.generation == 0  # the abandoned refit was never swapped in
     rows = (tmp_path / "learner" / "history.jsonl").read_text()
     assert "refit_abandoned" in rows
+
+
+def test_structures_pet_cannot_handle_are_refused_before_the_model_runs(emt_checkpoint, caplog):
+    import logging
+
+    from ase import Atoms
+    from ase.build import bulk
+
+    from ase_petft import UnsupportedSystemError
+    from ase_petft.systems import MAX_NEIGHBOURS
+
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    cases = {
+        "no atoms": Atoms(),
+        "non-finite positions": Atoms("Cu2", positions=[[0, 0, 0], [np.nan, 0, 0]]),
+        "singular along the periodic": Atoms("Cu", cell=[[2, 0, 0], [4, 0, 0], [0, 0, 2]],
+                                             pbc=True),
+        "neighbours per atom": Atoms("Cu", cell=[0.5, 0.5, 0.5], pbc=True),  # was 24 GB
+    }
+    for message, atoms in cases.items():
+        atoms.calc = calc
+        with pytest.raises(UnsupportedSystemError, match=message):
+            atoms.get_potential_energy()
+    # between the estimate's bounds the count is exact (ASE's neighbour list)
+    from ase.neighborlist import neighbor_list
+
+    cutoff = calc._structure_check.cutoff
+    sphere = 4 / 3 * np.pi * cutoff ** 3
+    dense = bulk("Cu", "fcc", a=(4 * sphere / (3 * MAX_NEIGHBOURS)) ** (1 / 3), cubic=True)
+    count = np.bincount(neighbor_list("i", dense, cutoff)).max()
+    assert MAX_NEIGHBOURS < count < 10 * MAX_NEIGHBOURS
+    dense.calc = calc
+    with pytest.raises(UnsupportedSystemError, match=f"{count} neighbours"):
+        dense.get_potential_energy()
+    caplog.set_level(logging.WARNING, logger="ase_petft.systems")
+    twins = Atoms("Cu2", positions=[[0, 0, 0], [0.02, 0, 0]])
+    twins.calc = calc
+    twins.get_potential_energy()
+    far = bulk("Cu", "fcc", a=3.6).repeat(2)
+    far.positions += 2e4
+    far.calc = calc
+    far.get_potential_energy()
+    text = caplog.text
+    assert "duplicated atoms" in text and "from the origin" in text
+    ok = emt_frames(1, seed=3)[0]  # a normal cell: no error, no warning
+    ok.calc = calc
+    caplog.clear()
+    ok.get_potential_energy()
+    assert caplog.text == ""
+
+
+class ShiftedEMT(EMT):
+    """EMT plus a constant 1 eV per atom: another 'level of theory' with an offset."""
+
+    def calculate(self, *args, **kwargs):
+        super().calculate(*args, **kwargs)
+        self.results["energy"] += len(self.atoms)
+        self.results["free_energy"] = self.results["energy"]
+
+
+def test_the_first_swap_of_a_new_variant_warns_about_the_energy_jump(parts, caplog):
+    import logging
+
+    from ase_petft.learner.gate import GateConfig
+
+    calc, atoms, buffer, workdir = parts
+    caplog.set_level(logging.INFO, logger="ase_petft.learner.onthefly")
+    with OnTheFlyLearner(calc, ShiftedEMT(), buffer, workdir=workdir, select=every(1),
+                         refit_every=4, background=False, tolerance=10.0,
+                         config=FineTuneConfig(keep_parent_unless_better=False),
+                         gate=GateConfig(probe_steps=0, harm_factor=1e9)) as learner:
+        for _ in range(6):
+            atoms.rattle(0.02, seed=len(learner.history))
+            atoms.get_potential_energy()
+            learner()
+    swaps = [row for row in learner.history if row["event"] == "swap"]
+    assert swaps, [row["event"] for row in learner.history]
+    jump = swaps[0]["energy_jump_eV"]
+    assert abs(jump) > 0.5 * len(atoms)  # the 1 eV/atom offset of the new level
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "jumped" in r.message]
+    assert warnings and f"{jump:.4g} eV" in warnings[0].getMessage()
+
+
+def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_path, caplog):
+    import logging
+
+    from ase_petft.finetune import finetune
+
+    extra = finetune(emt_checkpoint, emt_frames(4, seed=2), variant="energy/extra",
+                     output_dir=tmp_path / "gen")
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    assert "energy/extra" not in calc.variants
+    caplog.set_level(logging.WARNING, logger="ase_petft.calculator")
+    calc.swap_model(extra.checkpoint_path)
+    assert "energy/extra" in caplog.text and "not swapped in" in caplog.text
+    assert "energy/extra" not in calc.variants and calc.generation == 1

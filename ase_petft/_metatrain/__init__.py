@@ -27,7 +27,7 @@ from ._state import install_warning_filters, preserved_logger_class
 from .checkpoints import (checkpoint_dict, load_model, model_from_checkpoint,
                           read_checkpoint, save_checkpoint)
 from .heads import (add_variant, atomic_types, composition_weights, copy_variant_weights,
-                    energy_target_info, energy_variants, scale_weights,
+                    energy_target_info, energy_variants, interaction_cutoff, scale_weights,
                     set_composition_weights, variant_description)
 from .inference import (check_swap_compatible, export_model, new_pet_model,
                         prepare_for_inference, swap_weights)
@@ -45,7 +45,8 @@ __all__ = [
     "read_checkpoint", "model_from_checkpoint", "load_model", "checkpoint_dict",
     "save_checkpoint",
     # variants, heads, composition, scale
-    "energy_variants", "atomic_types", "energy_target_info", "variant_description",
+    "energy_variants", "atomic_types", "interaction_cutoff", "energy_target_info",
+    "variant_description",
     "add_variant", "copy_variant_weights", "composition_weights",
     "set_composition_weights", "scale_weights",
     # inference, swap, export, fresh models

@@ -35,6 +35,11 @@ def atomic_types(model) -> List[int]:
     return [int(z) for z in model.atomic_types]
 
 
+def interaction_cutoff(model) -> float:
+    """The largest neighbour-list cutoff the model requests (Å)."""
+    return max(float(options.cutoff) for options in model.requested_neighbor_lists())
+
+
 def energy_target_info(description: str):
     """metatrain TargetInfo of an energy with forces and stress gradients."""
     from metatrain.utils.data.target_info import get_energy_target_info

@@ -93,7 +93,7 @@ from .. import _provenance as prov
 from ..errors import LabelBufferError
 from . import exchange, file
 from .salvage import recover_buffer
-from .records import failure_record, label_record, pack_records, row_to_atoms
+from .records import failure_record, label_record, pack_records, record_key, row_to_atoms
 from .table import (VARIANT_BYTES, Table, check_settings, frame_intact, iter_blocks,
                      normalise_elements, open_group)
 
@@ -123,6 +123,7 @@ class LabelBuffer:
     def __init__(self, path, mode: str = "a", *, allowed_elements: Optional[Iterable] = None,
                  require_forces: Optional[bool] = None, fsync: bool = True):
         self._closed = True
+        self._failed_write = None
         self._mutex = threading.RLock()
         self._file = self._root = self._writer_lock = None
         if mode not in _MODES:
@@ -145,7 +146,11 @@ class LabelBuffer:
             self._path, self._owns = pathlib.Path(os.fspath(path)).absolute(), True
             self._where = repr(str(self._path))
             if mode != "r":  # like `open(..., "a")` in a new run folder: create it
-                self._path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self._path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise LabelBufferError(f"cannot create the folder of {self._where}: "
+                                           f"{exc}") from exc
             self._file, self._writer_lock, settings = file.open_path(self._path, mode=mode,
                                                                     layout=layout)
             self._root = self._file
@@ -246,20 +251,42 @@ class LabelBuffer:
 
     def import_file(self, path, *, variant: str, index=":", format: Optional[str] = None,
                     energy_key: Optional[str] = None, forces_key: Optional[str] = None,
-                    stress_key: Optional[str] = None, **metadata) -> range:
+                    stress_key: Optional[str] = None, skip_duplicates: bool = True,
+                    **metadata) -> range:
         """Import labelled structures from any file ``ase.io.read`` reads (extxyz, .traj, db).
 
         Results come from the calculator ASE attaches when reading, or from the
         ``atoms.info``/``atoms.arrays`` keys given as ``energy_key``, ``forces_key``,
         ``stress_key``. JSON-able ``atoms.info`` entries become metadata, with
         ``source`` (the file) and ``source_index``. All frames are validated before any
-        is written. Returns the new indices.
+        is written. With ``skip_duplicates`` (default), a frame identical to a label of
+        ``variant`` already in the buffer (or earlier in the file) — same atoms,
+        positions, cell and energy, bit for bit — is skipped and counted in a warning
+        (importing a file twice adds nothing). Returns the new indices.
         """
         self._check_writable()
         records = exchange.read_records(
             path, variant=variant, index=index, format=format, energy_key=energy_key,
             forces_key=forces_key, stress_key=stress_key, metadata=metadata,
             allowed=self._allowed, require_forces=self._require_forces, version=__version__)
+        if skip_duplicates:
+            seen = {record_key(a.numbers, a.positions, a.cell, a.pbc,
+                               a.calc.results["energy"], variant)
+                    for a in self.frames(variant=variant)}
+            kept = []
+            for record in records:
+                key = record_key(record.numbers, record.positions, record.cell, record.pbc,
+                                 record.energy, record.variant)
+                if key not in seen:
+                    seen.add(key)
+                    kept.append(record)
+            if len(kept) < len(records):
+                logger.warning("skipped %d of %d frames of %s: already in %s as labels of %r",
+                               len(records) - len(kept), len(records), path, self._where,
+                               variant)
+            records = kept
+        if not records:
+            return range(len(self), len(self))
         return self._commit_labels(records)
 
     def _commit(self, table: Table, records: list) -> range:
@@ -269,8 +296,10 @@ class LabelBuffer:
             try:
                 return table.append(rows, atoms, text, self._sync)
             except Exception as exc:
+                self._failed_write = exc
                 raise LabelBufferError(f"writing to {self._where} failed ({type(exc).__name__}: "
-                                       f"{exc}); the frames were not committed.") from exc
+                                       f"{' '.join(str(exc).split())}); the frames were not "
+                                       "committed.") from exc
 
     def _sync(self) -> None:
         if self._fsync:
@@ -399,16 +428,32 @@ class LabelBuffer:
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the file (idempotent). An h5py object given by the caller stays open."""
+        """Close the file (idempotent). An h5py object given by the caller stays open.
+
+        Committed frames are on disk whatever happens here; a failure to close (a full
+        disk, a vanished mount) is a :class:`LabelBufferError`.
+        """
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
             try:
-                if self._owns and self._file is not None:
+                if self._owns and self._file is not None and self._failed_write is not None:
+                    # HDF5 cannot flush this file any more (full disk, lost mount) and
+                    # crashes at exit if its close is retried: leave it to the garbage
+                    # collector. Committed frames are on disk; the next open recovers.
+                    logger.error("not closing %s cleanly after a failed write (%s); its "
+                                 "committed frames are on disk", self._where,
+                                 self._failed_write)
+                elif self._owns and self._file is not None:
                     self._file.close()
                 elif self._mode != "r":
                     self._root.file.flush()
+            except Exception as exc:
+                raise LabelBufferError(
+                    f"closing {self._where} failed ({type(exc).__name__}: {exc}); the frames "
+                    "committed before are on disk. Check free space, then reopen it (an "
+                    "unclean close is recovered on the next open).") from exc
             finally:
                 if self._writer_lock is not None:
                     self._writer_lock.release()
@@ -416,8 +461,14 @@ class LabelBuffer:
     def __enter__(self) -> "LabelBuffer":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # never mask the error that ends the block
+            self.close()
+        except LabelBufferError as exc:
+            logger.error("%s", exc)
 
     def _check_open(self) -> None:
         if self._closed:

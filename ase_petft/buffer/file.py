@@ -141,6 +141,10 @@ def _create_if_needed(path: pathlib.Path, mode: str, layout: dict, where: str) -
         if mode == "w-":
             raise LabelBufferError(f"{where} already exists and mode='w-' never overwrites; "
                                    "use mode='a' to append to it, or delete it.") from None
+    except (OSError, RuntimeError) as exc:
+        raise LabelBufferError(f"cannot create the label buffer {where} ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())}); is the directory writable and the disk not full? "
+                               "Nothing was created.") from exc
     else:
         logger.info("created label buffer %s", path)
 
@@ -321,7 +325,7 @@ def rebuild(path: pathlib.Path, lock: WriterLock) -> WriterLock:
     """
     tmp = _temp_path(path, "recover")
     try:
-        with open_reader(path) as src, h5py.File(tmp, "w", libver="latest", locking=False) as dst:
+        with open_reader(path) as src, _new_file(tmp, path) as dst:
             check_format(src, repr(str(path)))
             for key, value in src.attrs.items():
                 dst.attrs[key] = value
@@ -337,6 +341,16 @@ def rebuild(path: pathlib.Path, lock: WriterLock) -> WriterLock:
         raise
     lock.reopen()
     return lock
+
+
+def _new_file(tmp: pathlib.Path, path: pathlib.Path) -> h5py.File:
+    try:
+        return h5py.File(tmp, "w", libver="latest", locking=False)
+    except (OSError, RuntimeError) as exc:
+        raise LabelBufferError(
+            f"{str(path)!r} was left open by a writer that died and must be rebuilt before "
+            f"appending, but a new file cannot be written next to it ({exc}). Open it with "
+            "mode='r' to read it, or copy it to a writable place.") from exc
 
 
 def _copy_committed(src: h5py.Group, dst: h5py.Group, name: str) -> None:

@@ -13,14 +13,13 @@ import contextlib
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Dict, Iterator, List, NoReturn, Optional
 
 from ..errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, UsageError, exit_code
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "UsageError", "exit_code", "Parser",
            "one_line", "existing_file", "existing_dir", "step_bar", "epoch_bar",
-           "read_labels", "read_replay", "file_size"]
+           "read_labels", "read_replay", "file_size", "memory_buffer"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -152,13 +151,25 @@ def file_frames(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
     ``import_file``), so a missing energy, a NaN or a wrong shape is a clear
     :class:`~ase_petft.LabelBufferError`. Forces are optional.
     """
+    with memory_buffer(require_forces=False) as buffer:
+        buffer.import_file(path, variant=variant, index=index, skip_duplicates=False)
+        return list(buffer.frames())
+
+
+@contextlib.contextmanager
+def memory_buffer(**settings) -> Iterator:
+    """A :class:`~ase_petft.LabelBuffer` in memory (an HDF5 file that is never written
+    to disk): validates labels without temporary files a killed process would leave."""
+    import uuid
+
+    import h5py
+
     from ..buffer import LabelBuffer
 
-    with tempfile.TemporaryDirectory(prefix="petft-import-") as tmp:
-        with LabelBuffer(pathlib.Path(tmp) / "labels.h5", mode="w-", require_forces=False,
-                         fsync=False) as buffer:
-            buffer.import_file(path, variant=variant, index=index)
-            return list(buffer.frames())
+    with h5py.File(f"petft-check-{uuid.uuid4().hex}.h5", "w", driver="core",
+                   backing_store=False) as root:
+        with LabelBuffer(root, mode="w-", **settings) as buffer:
+            yield buffer
 
 
 def read_labels(path: pathlib.Path, variant: str, *, index: str = ":") -> List:

@@ -6,12 +6,11 @@ import argparse
 import collections
 import json
 import pathlib
-import tempfile
 from typing import Any, Dict, List
 
 import numpy as np
 
-from ._common import EXIT_OK, UsageError, existing_file, file_size
+from ._common import EXIT_OK, UsageError, existing_file, file_size, memory_buffer
 
 
 def add_parser(sub) -> None:
@@ -54,6 +53,9 @@ def add_parser(sub) -> None:
     imp.add_argument("--energy-key", default=None, help="atoms.info key holding the energy")
     imp.add_argument("--forces-key", default=None, help="atoms.arrays key holding forces")
     imp.add_argument("--stress-key", default=None, help="atoms.info key holding the stress")
+    imp.add_argument("--keep-duplicates", action="store_true",
+                     help="also import frames identical to labels already in the buffer "
+                     "(skipped by default, so importing a file twice adds nothing)")
     imp.add_argument("--allow-missing-forces", action="store_true",
                      help="accept labels without forces (only when creating the buffer)")
     imp.set_defaults(func=run_import)
@@ -218,7 +220,8 @@ def _settings_of(path: pathlib.Path, allow_missing_forces: bool) -> Dict[str, An
 def _import_all(target, inputs: List[pathlib.Path], args: argparse.Namespace) -> List[int]:
     keys = dict(energy_key=args.energy_key, forces_key=args.forces_key,
                 stress_key=args.stress_key)
-    return [len(target.import_file(path, variant=args.variant, index=args.index, **keys))
+    return [len(target.import_file(path, variant=args.variant, index=args.index,
+                                   skip_duplicates=not args.keep_duplicates, **keys))
             for path in inputs]
 
 
@@ -232,10 +235,8 @@ def run_import(args: argparse.Namespace) -> int:
     if any(p.resolve() == output.resolve() for p in inputs):
         raise UsageError("an input is the output buffer itself")
     settings = _settings_of(output, args.allow_missing_forces)
-    with tempfile.TemporaryDirectory(prefix="petft-import-") as tmp:  # validate everything
-        with LabelBuffer(pathlib.Path(tmp) / "check.h5", mode="w-", fsync=False,
-                         **settings) as check:
-            _import_all(check, inputs, args)
+    with memory_buffer(**settings) as check:  # validate everything before writing
+        _import_all(check, inputs, args)
     create = None if output.exists() else settings["require_forces"]
     with LabelBuffer(output, mode="a", require_forces=create) as buffer:
         counts = _import_all(buffer, inputs, args)

@@ -52,6 +52,7 @@ from ..config import FineTuneConfig, FineTuneResult
 from ..errors import ConfigError, FineTuneError, PetftError
 from ..variants import validate_variant
 from .generation import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, check_output_dir,
+                         remove_leftovers,
                          write_generation, write_json)
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,13 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     run = prepare.prepare_run(checkpoint, frames, variant=variant, config=config,
                               replay=replay, validation=validation,
                               ignore_frame_variants=ignore_frame_variants)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output_dir {str(output_dir)!r}: {exc}") from exc
+    if not os.access(output_dir, os.W_OK):
+        raise ConfigError(f"output_dir {str(output_dir)!r} is not writable; choose another")
+    remove_leftovers(output_dir)
     try:
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".scratch-") as scratch:
             trained = engine.train(run, scratch_dir=scratch, progress=progress)

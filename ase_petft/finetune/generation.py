@@ -12,8 +12,10 @@ old file or the new one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import shutil
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -21,10 +23,31 @@ import numpy as np
 from .. import _metatrain
 from ..errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_NAME = "model.ckpt"
 MODEL_NAME = "model.pt"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
+
+
+def remove_leftovers(output_dir: pathlib.Path) -> None:
+    """Delete what a killed run left in a generation directory: its ``.scratch-*``
+    training folder and half-written ``*.tmp`` files (a live run into the same folder
+    is refused before this is called)."""
+    output_dir = pathlib.Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for leftover in [*output_dir.glob(".scratch-*"), *output_dir.glob("*.tmp"),
+                     *output_dir.glob(".*.tmp")]:
+        try:
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+            logger.info("removed %s, left by an interrupted run", leftover)
+        except OSError as exc:
+            logger.warning("could not remove leftover %s: %s", leftover, exc)
 
 
 def check_output_dir(checkpoint: pathlib.Path, output_dir: pathlib.Path, *,

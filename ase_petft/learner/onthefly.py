@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OnTheFlyLearner"]
 
+JUMP_WARNING_EV_PER_ATOM = 0.005  # a swap that moves the energy more than this is a WARNING
+
 
 class OnTheFlyLearner:
     """ASE observer that labels, refits and hot-swaps during a simulation.
@@ -149,6 +151,8 @@ class OnTheFlyLearner:
         except BaseException:
             self._lock.release()
             raise
+        self._event("start", policy=repr(self.select), max_labels=self.max_labels,
+                    refit_every=self.refit_every, method=self.config.method)
 
     # ------------------------------------------------------------------ state
     @property
@@ -164,6 +168,7 @@ class OnTheFlyLearner:
         return list(self._labels)
 
     def _resume(self) -> None:
+        wd.clean(self.workdir)
         self._labels = list(self.buffer.frames(variant=self.variant))
         frames = self._frames()
         self._known = {_structure_key(a) for a in frames}
@@ -475,9 +480,26 @@ class OnTheFlyLearner:
         jump = self._swap(outcome)
         self.watchdog.model_changed()
         self._event("swap", energy_jump_eV=jump, **row)
-        logger.info("swapped in generation %d (%s); energy jump %.4g eV",
-                    outcome.generation, outcome.reason, jump if jump is not None else 0.0)
+        self._report_jump(outcome.generation, outcome.reason, jump)
         self._refit_uncertainty()
+
+    def _report_jump(self, generation: int, reason: str, jump: Optional[float]) -> None:
+        """A swap changes the potential energy of the current structure: by the level-
+        of-theory offset on the first swap of a new variant (~45 eV for GFN1 -> GFN2 on
+        glycine). NVE users must know: the total energy is conserved within a
+        generation, not across swaps."""
+        atoms = self._live_atoms() if self._live_atoms() is not None else self.calc.atoms
+        n = len(atoms) if atoms is not None else 1
+        if jump is not None and abs(jump) / n > JUMP_WARNING_EV_PER_ATOM:
+            logger.warning(
+                "swapped in generation %d (%s): the potential energy of the current "
+                "structure jumped by %.4g eV (%.1f meV/atom). The total energy is "
+                "conserved within a generation, not across swaps (a new variant's first "
+                "swap carries the offset between levels of theory)", generation, reason,
+                jump, 1000 * jump / n)
+        else:
+            logger.info("swapped in generation %d (%s); energy jump %.4g eV", generation,
+                        reason, jump if jump is not None else 0.0)
 
     def _swap(self, outcome, *, rollback: bool = False) -> Optional[float]:
         atoms = self._atoms if self._atoms is not None else self.calc.atoms
@@ -521,6 +543,9 @@ class OnTheFlyLearner:
     def close(self, *, abandon: bool = False) -> None:
         """Finish a refit in flight (or, with ``abandon=True``, leave it: it is never
         swapped in) and release the work directory."""
+        if self._lock.fd < 0:
+            return  # closed already
+        self._event("close", observer_calls=self._calls)
         if abandon and self.refit_in_progress:
             self._event("refit_abandoned", generation=self._attempt)
             logger.warning("abandoned refit %d in flight (its folder is left unfinished)",

@@ -20,10 +20,12 @@ import os
 import pathlib
 from typing import Any, Dict, List
 
-from ..finetune.generation import CHECKPOINT_NAME, json_default, read_json, write_json
+from ..finetune.generation import (CHECKPOINT_NAME, json_default, read_json, remove_leftovers,
+                                   write_json)
 
 __all__ = ["DECISION", "CURRENT", "HISTORY", "gen_dir", "checkpoint_of", "decisions",
-           "last_number", "append_history", "read_history", "read_json", "write_json"]
+           "last_number", "append_history", "read_history", "read_json", "write_json",
+           "clean"]
 
 DECISION = "decision.json"
 CURRENT = "current.json"
@@ -46,6 +48,13 @@ def decisions(workdir: pathlib.Path) -> List[Dict[str, Any]]:
         if data is not None:
             found.append(data)
     return found
+
+
+def clean(workdir: pathlib.Path) -> None:
+    """Remove what killed refits left in the generation folders (the caller holds the
+    work directory's lock, so no refit of another learner is running there)."""
+    for folder in pathlib.Path(workdir).glob("gen-[0-9][0-9][0-9][0-9]"):
+        remove_leftovers(folder)
 
 
 def last_number(workdir: pathlib.Path) -> int:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -75,7 +76,7 @@ def load_run(workdir) -> Dict[str, Any]:
         raise FileNotFoundError(2, "learner work directory does not exist", str(workdir))
     if not workdir.is_dir():
         raise NotADirectoryError(20, "not a learner work directory", str(workdir))
-    history = gens.read_history(workdir)
+    history = continuous_steps(gens.read_history(workdir))
     folders = sorted(workdir.glob("gen-[0-9][0-9][0-9][0-9]"))
     if not history and not folders:
         raise InputError(f"{str(workdir)!r} is not a learner work directory (no "
@@ -86,6 +87,33 @@ def load_run(workdir) -> Dict[str, Any]:
             "metrics": {g: m for g, m in metrics.items() if m is not None},
             "current": gens.read_json(workdir / gens.CURRENT),
             "n_attempts": len([p for p in folders if int(p.name[4:]) > 0])}
+
+
+def continuous_steps(history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """History rows whose steps never go back: runs written before restarts continued
+    the step count started again at 0; their steps are shifted past the earlier ones."""
+    out, offset, last = [], 0, 0
+    for row in history:
+        step = row.get("step")
+        if isinstance(step, (int, float)):
+            if step + offset < last:
+                offset = last
+            row = {**row, "step": step + offset}
+            last = max(last, row["step"])
+        out.append(row)
+    return out
+
+
+def thresholds(history: Sequence[Dict[str, Any]]) -> List[float]:
+    """Uncertainty thresholds (eV/atom) of the selection policies the runs used."""
+    found = []
+    for row in _events(history, "start"):
+        for value in re.findall(r"uncertainty_above\(([^)]+)\)", str(row.get("policy", ""))):
+            try:
+                found.append(float(value))
+            except ValueError:
+                continue
+    return sorted(set(found))
 
 
 def _events(history: Sequence[Dict[str, Any]], *names: str) -> List[Dict[str, Any]]:
@@ -198,7 +226,7 @@ def summary_text(run: Dict[str, Any], generations, labels, parity, variant) -> s
     history = run["history"]
     swaps = _events(history, "swap")
     accepted = [r for r in generations if r["accepted"]]
-    steps = max((row.get("step") or 0 for row in history), default=0)
+    steps = max((row.get("step") or 0 for row in history), default=0)  # incl. "close"
     lines = [
         f"learner run: {run['workdir']}",
         f"variant: {variant or 'unknown'}; observer steps: {steps}; reference calls: "
@@ -263,7 +291,8 @@ def write_report(workdir, output_dir, *, buffer=None, variant: Optional[str] = N
         "errors": plots.errors_figure(generations, out / "errors.png", dpi=dpi),
         "trajectory": plots.trajectory_figure(labels, swaps,
                                               _events(run["history"], "refit_rejected"),
-                                              out / "trajectory.png", dpi=dpi),
+                                              out / "trajectory.png", dpi=dpi,
+                                              thresholds=thresholds(run["history"])),
         "refit_times": plots.refit_times_figure(generations, out / "refit_times.png", dpi=dpi),
     }
     if parity:

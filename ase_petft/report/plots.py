@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -83,20 +83,27 @@ def errors_figure(generations: List[Dict[str, Any]], path, *, dpi: int) -> pathl
 
 # ---------------------------------------------------------------------- trajectory
 def trajectory_figure(labels: List[Dict[str, Any]], swaps: List[Dict[str, Any]],
-                      rejected: List[Dict[str, Any]], path, *, dpi: int) -> pathlib.Path:
-    """Uncertainty at labelled steps, cumulative reference calls, swaps and rejections."""
+                      rejected: List[Dict[str, Any]], path, *, dpi: int,
+                      thresholds: Sequence[float] = ()) -> pathlib.Path:
+    """Uncertainty at labelled steps (with the policy's threshold), labels and failed
+    reference calls along the run, swaps and rejections."""
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = _figure(2, size=(7.0, 5.5), sharex=True)
     top, bottom = axes[0, 0], axes[1, 0]
-    steps = np.array([r["step"] for r in labels], dtype=float)
-    sigma = _values(labels, "uncertainty_meV_per_atom")
-    held = np.array([r["holdout"] for r in labels], dtype=bool)
+    ok = [r for r in labels if r["ok"]]
+    steps = np.array([r["step"] for r in ok], dtype=float)
+    failed = np.array([r["step"] for r in labels if not r["ok"]], dtype=float)
+    sigma = _values(ok, "uncertainty_meV_per_atom")
+    held = np.array([r["holdout"] for r in ok], dtype=bool)
     if np.isfinite(sigma).any():
         top.plot(steps[~held], sigma[~held], "o", color=SWAP, ms=5, label="training label")
         if held.any():
             top.plot(steps[held], sigma[held], "D", mfc="none", color=RUNNING, ms=6,
                      label="held-out label")
+        for i, threshold in enumerate(thresholds):
+            top.axhline(1e3 * threshold, color="black", ls="--", lw=1,
+                        label="uncertainty_above threshold" if i == 0 else None)
         top.set_yscale("log")
         top.grid(alpha=0.3)
         top.legend(fontsize=8)
@@ -105,28 +112,43 @@ def trajectory_figure(labels: List[Dict[str, Any]], swaps: List[Dict[str, Any]],
                keep_x=True)
     top.set_ylabel("energy σ at labelled step\n(meV/atom)")
     if len(steps):
-        calls = np.arange(1, len(steps) + 1)
-        bottom.step(np.concatenate([[0], steps]), np.concatenate([[0], calls]), where="post",
-                    color="black", lw=1.5, label="reference calls")
+        bottom.step(np.concatenate([[0], steps]), np.arange(len(steps) + 1), where="post",
+                    color="black", lw=1.5, label="labels")
+    if len(failed):
+        bottom.plot(failed, np.zeros_like(failed), "x", color=REJECTED, ms=7, clip_on=False,
+                    label=f"failed reference call ({len(failed)})")
+    top_of = max(len(steps), 1)
     for events, color, name in ((swaps, ACCEPTED, "swap"), (rejected, REJECTED, "rejected")):
         for i, event in enumerate(events):
             for ax in (top, bottom):
                 ax.axvline(event["step"], color=color, ls=":", lw=1.2,
                            label=f"{name} (gen N)" if (i == 0 and ax is bottom) else None)
-            bottom.annotate(f"gen {event['generation']}", (event["step"], 0), xytext=(2, 2),
-                            textcoords="offset points", fontsize=7, color=color)
-    last = max([0.0, *steps.tolist(), *(float(w["step"]) for w in swaps + rejected)])
+    _generation_marks(bottom, swaps, rejected, top_of)
+    every_step = [*steps.tolist(), *failed.tolist(), *(float(w["step"]) for w in swaps + rejected)]
+    last = max([0.0, *every_step])
     bottom.set_xlim(0, 1.06 * last if last > 0 else 1.0)
-    bottom.set_xlabel("MD step (learner calls)")
-    bottom.set_ylabel("reference calls")
+    bottom.set_xlabel("MD step")
+    bottom.set_ylabel("labels")
     bottom.set_ylim(bottom=0)
     bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.grid(alpha=0.3)
-    if len(steps) or swaps or rejected:
-        bottom.legend(fontsize=8, loc="upper left")
+    if len(steps) or len(failed) or swaps or rejected:
+        bottom.legend(fontsize=8, loc="lower right")
     fig.suptitle("Labelling along the trajectory")
     return _save(fig, path, dpi)
+
+
+def _generation_marks(ax, swaps, rejected, height: int) -> None:
+    """'gen N' next to each swap/rejection line, on staggered rows so that neighbours
+    do not print over each other."""
+    events = sorted([(e["step"], e["generation"], ACCEPTED) for e in swaps]
+                    + [(e["step"], e["generation"], REJECTED) for e in rejected])
+    rows = 4
+    for i, (step, generation, color) in enumerate(events):
+        y = height * (0.95 - 0.12 * (i % rows))
+        ax.annotate(f"gen {generation}", (step, y), xytext=(2, 0), textcoords="offset points",
+                    fontsize=7, color=color, va="top")
 
 
 # ---------------------------------------------------------------------- refit times
