@@ -201,3 +201,25 @@ def test_label_many_on_a_local_dask_cluster(tmp_path, processes):
         results = label_many(frames, EMT(), executor=client.get_executor(),
                              properties=("energy", "forces", "stress"))
     _check_batch(results, frames)
+
+
+def test_provenance_tells_levels_of_theory_apart_when_one_is_the_default(tmp_path):
+    """tblite's todict() omits its default method (GFN2-xTB): the labels must still say it."""
+    tblite = pytest.importorskip("tblite.ase")
+    from ase.build import molecule
+
+    from ase_petft.buffer import LabelBuffer
+    from ase_petft.cli.buffer import buffer_summary
+
+    water = molecule("H2O")
+    gfn2 = label(water, tblite.TBLite(verbosity=0))
+    gfn1 = label(water, tblite.TBLite(method="GFN1-xTB", verbosity=0))
+    assert gfn2.info["reference_parameters"]["method"] == "GFN2-xTB"
+    assert gfn1.info["reference_parameters"]["method"] == "GFN1-xTB"
+    assert gfn1.get_potential_energy() != gfn2.get_potential_energy()
+    with LabelBuffer(tmp_path / "labels.h5") as buffer:
+        buffer.append(gfn2, variant="energy/gfn2")
+        buffer.append(gfn1, variant="energy/gfn1")
+    summary = buffer_summary(tmp_path / "labels.h5")
+    assert summary["variants"]["energy/gfn2"]["references"] == {"tblite (GFN2-xTB)": 1}
+    assert summary["variants"]["energy/gfn1"]["references"] == {"tblite (GFN1-xTB)": 1}

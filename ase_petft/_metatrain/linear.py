@@ -120,15 +120,12 @@ def _rows(model, variant: str, label: Label, params, config):
         system = systems_to_torch(label.atoms, dtype=dtype)
         system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
         system, strain = _prepare_system(system, True, True, False)
-        out = model([system], {variant: ModelOutput(unit="eV",
-                                                    sample_kind="system")})
+        with _SavedBytes() as saved:
+            out = model([system], {variant: ModelOutput(unit="eV", sample_kind="system")})
     energy = out[variant].block().values.sum()
-    grads = torch.autograd.grad(energy, params, create_graph=True)
-    g = torch.cat([x.reshape(-1) for x in grads])
     inputs = [system.positions] + ([strain] if use_stress else [])
-    e0 = torch.autograd.grad(energy, inputs, retain_graph=True)
-    jac = torch.autograd.grad(g, inputs, grad_outputs=torch.eye(len(g), dtype=g.dtype, device=g.device),
-                              is_grads_batched=True, retain_graph=False)
+    g, e0, jac = _jacobian(energy, params, inputs, forces=use_forces or use_stress,
+                           mode=getattr(config, "jacobian", "auto"), graph_bytes=saved.bytes)
     n = label.n_atoms
     blocks, targets, weights, kinds = [], [], [], []
 
@@ -141,20 +138,113 @@ def _rows(model, variant: str, label: Label, params, config):
     add(g.detach().double().cpu().numpy()[None, :] / n,
         np.array([(label.energy - float(energy.detach())) / n]), config.energy_weight, "energy")
     if use_forces:
-        j_f = -jac[0].detach().double().cpu().numpy().reshape(len(g), -1).T  # (3n, P)
+        j_f = -jac[0].reshape(len(g), -1).T  # (3n, P)
         f0 = -e0[0].detach().double().cpu().numpy().reshape(-1)
         add(j_f, label.forces.reshape(-1) - f0, config.forces_weight / (3 * n), "forces")
     if use_stress:
         # metatrain's loss sees the strain gradient (stress × volume) per atom, so the
         # stress rows are in those units too; in eV/Å³ they would weigh ~V²/n² less
         volume = abs(label.atoms.cell.volume)
-        j_s = jac[1].detach().double().cpu().numpy().reshape(len(g), 3, 3) / n
+        j_s = jac[1].reshape(len(g), 3, 3) / n
         s0 = e0[1].detach().double().cpu().numpy() / n
         voigt = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
         add(j_s[:, voigt[0], voigt[1]].T, label.stress * volume / n - s0[voigt[0], voigt[1]],
             config.stress_weight / 6, "stress")
     return (np.concatenate(blocks), np.concatenate(targets), np.concatenate(weights),
             np.concatenate(kinds))
+
+
+# memory for the batched passes of one Jacobian chunk (bytes); the graph of one pass is
+# measured (saved tensors of the forward), so the chunk adapts to model and structure
+JACOBIAN_MEMORY_BYTES = 512 * 2**20
+
+
+def _jacobian(energy, params, inputs, *, forces: bool, mode: str = "auto",
+              graph_bytes: int = 0):
+    """``(g, e0, jac)``: g = ∂E/∂θ (P,), e0 = [∂E/∂x for x in inputs], and
+    jac = [∂²E/∂θ∂x as a float64 numpy array (P, *x.shape) for x in inputs].
+
+    The mixed derivative is computed the cheaper exact way: ``"features"`` runs one
+    reverse pass per last-layer parameter (backward of g to the inputs), ``"forces"``
+    one per input component (backward of ∂E/∂x, built with ``create_graph``, to θ);
+    ``"auto"`` takes the one with fewer passes. Passes run batched
+    (``is_grads_batched``) in chunks sized to ``JACOBIAN_MEMORY_BYTES``.
+    """
+    sizes = [x.numel() for x in inputs]
+    n_params = sum(p.numel() for p in params)
+    if mode == "auto":
+        mode = "forces" if sum(sizes) < n_params else "features"
+    if not forces:
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(energy, params)])
+        return g.detach(), [], []
+    if mode == "features":
+        grads = torch.autograd.grad(energy, params, create_graph=True)
+        g = torch.cat([x.reshape(-1) for x in grads])
+        e0 = torch.autograd.grad(energy, inputs, retain_graph=True)
+        blocks = _batched(g, inputs, len(g), graph_bytes)
+        jac = [np.concatenate([b[k] for b in blocks]) for k in range(len(inputs))]
+        return g.detach(), e0, jac
+    e0 = torch.autograd.grad(energy, inputs, create_graph=True)
+    grads = torch.autograd.grad(energy, params, retain_graph=True)
+    g = torch.cat([x.reshape(-1) for x in grads])
+    flat = torch.cat([x.reshape(-1) for x in e0])
+    rows = np.concatenate([b[0] for b in _batched(flat, params, len(flat), graph_bytes,
+                                                  concat=True)])
+    jac, start = [], 0
+    for x, size in zip(inputs, sizes):  # (n_rows, P) -> (P, *x.shape)
+        jac.append(rows[start:start + size].T.reshape(n_params, *x.shape))
+        start += size
+    return g.detach(), [x.detach() for x in e0], jac
+
+
+def _batched(outputs, wrt, n_rows: int, graph_bytes: int, *,
+             concat: bool = False) -> List[list]:
+    """Rows of the Jacobian of the 1-D tensor ``outputs`` with respect to ``wrt``, in
+    chunks of batched backward passes; each chunk is a list of float64 arrays (one per
+    tensor of ``wrt``, or one ``(rows, sum of sizes)`` array with ``concat``)."""
+    chunk = _chunk_size(graph_bytes, n_rows)
+    blocks = []
+    for start in range(0, n_rows, chunk):
+        stop = min(n_rows, start + chunk)
+        eye = torch.zeros(stop - start, n_rows, dtype=outputs.dtype, device=outputs.device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        parts = torch.autograd.grad(outputs, wrt, grad_outputs=eye, is_grads_batched=True,
+                                    retain_graph=stop < n_rows, allow_unused=True)
+        parts = [torch.zeros((stop - start, *w.shape), dtype=outputs.dtype,
+                             device=outputs.device) if d is None else d
+                 for d, w in zip(parts, wrt)]
+        arrays = [d.detach().double().cpu().numpy() for d in parts]
+        if concat:
+            arrays = [np.concatenate([a.reshape(stop - start, -1) for a in arrays], axis=1)]
+        blocks.append(arrays)
+    return blocks
+
+
+def _chunk_size(graph_bytes: int, n_rows: int) -> int:
+    """Rows per batched pass: one pass through the double-backward graph holds about
+    three times the forward's saved tensors."""
+    if graph_bytes <= 0:
+        return n_rows
+    return int(max(1, min(n_rows, JACOBIAN_MEMORY_BYTES // (3 * graph_bytes))))
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward inside the block (the forward)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def _pack(self, tensor):
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
 
 
 def energy_features(model, variant: str, atoms_list: Sequence) -> np.ndarray:

@@ -293,6 +293,8 @@ class LabelBuffer:
         rows, atoms, text = pack_records(records)
         with self._mutex:
             self._check_writable()
+            if self._owns:  # a full disk would break the open HDF5 file for good
+                file.check_free_space(self._path, 2 * (rows.nbytes + atoms.nbytes + len(text)))
             try:
                 return table.append(rows, atoms, text, self._sync)
             except Exception as exc:

@@ -135,6 +135,7 @@ def open_path(path: pathlib.Path, *, mode: str, layout: dict) -> tuple:
 def _create_if_needed(path: pathlib.Path, mode: str, layout: dict, where: str) -> None:
     if mode == "a" and path.exists():
         return
+    check_free_space(path, 0)
     try:
         create_file(path, **layout)
     except FileExistsError:
@@ -161,6 +162,27 @@ def reading(where: str):
             f"{where} is damaged: HDF5 cannot read it ({type(exc).__name__}: {exc}). Nothing "
             "was changed. Copy out the intact frames with 'petft buffer recover FILE "
             "NEW.h5', or restore a backup.") from exc
+
+
+# HDF5 cannot recover from a failed write: the open file can then be neither flushed
+# nor closed (a later close or garbage collection crashes the process). So writes are
+# refused up front when the disk lacks room for them plus this margin.
+FREE_SPACE_MARGIN = 1 << 20
+
+
+def check_free_space(path: pathlib.Path, needed: int) -> None:
+    """LabelBufferError unless the file system of ``path`` has ``needed`` bytes plus
+    ``FREE_SPACE_MARGIN`` free (for the data, HDF5's chunks and metadata)."""
+    try:
+        stats = os.statvfs(path.parent)
+    except (OSError, AttributeError):  # no statvfs (Windows) or an odd mount: try anyway
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed + FREE_SPACE_MARGIN:
+        raise LabelBufferError(
+            f"not enough free disk space for {str(path)!r}: {free / 2**20:.2f} MiB free, "
+            f"{(needed + FREE_SPACE_MARGIN) / 2**20:.2f} MiB needed; nothing was written. "
+            "Free some space and retry (the labels already in the buffer are safe).")
 
 
 # -- writer lock -----------------------------------------------------------------------------
