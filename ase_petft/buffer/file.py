@@ -135,7 +135,7 @@ def open_path(path: pathlib.Path, *, mode: str, layout: dict) -> tuple:
 def _create_if_needed(path: pathlib.Path, mode: str, layout: dict, where: str) -> None:
     if mode == "a" and path.exists():
         return
-    check_free_space(path, 0)
+    check_free_space(path, 1 << 18)  # an empty buffer and its first appends
     try:
         create_file(path, **layout)
     except FileExistsError:
