@@ -222,10 +222,10 @@ def test_frames_can_skip_a_damaged_frame(good, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1.5 MiB tmpfs (needs the right to mount; skipped elsewhere)."""
+    """A 2 MiB tmpfs (needs the right to mount; skipped elsewhere)."""
     folder = tmp_path / "small"
     folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(folder)],
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
                            capture_output=True, text=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
