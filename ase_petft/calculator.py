@@ -30,6 +30,7 @@ from ase.calculators.calculator import (
 from . import _metatrain
 from .errors import CheckpointError, ConfigError, ModelSwapError, UnsupportedSystemError
 from .labels import check_elements
+from .devices import resolve_device
 from .systems import StructureCheck
 from .uncertainty import EnergyUncertainty
 from .variants import (is_one_typo_away, new_variant_description, require_variant,
@@ -84,7 +85,7 @@ class FineTunableCalculator(Calculator):
         self._workdir = None if workdir is None else pathlib.Path(workdir)
         self._generation = 0
         self._lock = threading.RLock()
-        self._device_name = _resolve_device(device)
+        self._device_name = resolve_device(device)
 
         self._model = _metatrain.load_model(self._checkpoint_path)
         self._dtype = _resolve_dtype(dtype, self._model)
@@ -363,23 +364,3 @@ def _resolve_dtype(dtype: Any, model):
         f"unsupported dtype {dtype!r}; use 'float32' or 'float64' (or None for the "
         "checkpoint's own dtype)"
     )
-
-
-def _resolve_device(device: Any) -> str:
-    """``device`` as a torch device string; ConfigError for one this machine lacks."""
-    import torch
-
-    if device is None:
-        return "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {device!r} was requested but this torch has no CUDA device "
-            f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch"
-        )
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
-    return str(parsed)

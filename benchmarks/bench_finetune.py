@@ -41,25 +41,28 @@ def train_base(workdir: pathlib.Path, epochs: int) -> pathlib.Path:
     return train_emt_base.train(workdir, frames, epochs)
 
 
-def mtt_heads(workdir: pathlib.Path, base, train, val, cfg) -> float:
+def mtt_heads(workdir: pathlib.Path, base, train, val, cfg, *, variant: str = NEW,
+              description: str = DESCRIPTION, device: str = "cpu") -> float:
+    """``mtt train`` with ``method: heads`` of a new ``variant`` inherited from "energy";
+    returns its wall time (subprocess)."""
     import ase.io
 
     workdir.mkdir(parents=True, exist_ok=True)
     ase.io.write(workdir / "train.xyz", train, format="extxyz")
     ase.io.write(workdir / "val.xyz", val, format="extxyz")
     options = {
-        "seed": cfg.seed,
+        "seed": cfg.seed, "device": device,
         "architecture": {"name": "pet", "training": {
             "batch_size": cfg.batch_size, "num_epochs": cfg.num_epochs, "num_workers": 0,
             "learning_rate": cfg.learning_rate,
             "finetune": {"method": "heads", "read_from": str(base),
                          "config": {"head_modules": list(cfg.head_modules),
                                     "last_layer_modules": list(cfg.last_layer_modules)},
-                         "inherit_heads": {NEW: "energy"}}}},
+                         "inherit_heads": {variant: "energy"}}}},
         "training_set": {"systems": {"read_from": "train.xyz", "length_unit": "angstrom"},
-                         "targets": targets(NEW, DESCRIPTION)},
+                         "targets": targets(variant, description)},
         "validation_set": {"systems": {"read_from": "val.xyz", "length_unit": "angstrom"},
-                           "targets": targets(NEW, DESCRIPTION)},
+                           "targets": targets(variant, description)},
         "test_set": 0.0,
     }
     return run_mtt(workdir, options)

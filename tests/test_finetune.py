@@ -513,3 +513,60 @@ def test_an_output_dir_holding_a_generation_is_not_overwritten(emt_checkpoint, t
     again = finetune(emt_checkpoint, emt_frames(4, seed=9), variant=NEW,
                      output_dir=tmp_path / "gen", overwrite=True)
     assert pathlib.Path(again.checkpoint_path).read_bytes() != before
+
+
+def test_incremental_heads_refit_equals_a_refit_from_scratch(emt_checkpoint, tmp_path):
+    import shutil
+
+    from ase_petft import _metatrain
+
+    frames, held = emt_frames(7, seed=12), emt_frames(2, seed=13)
+    config = FineTuneConfig(keep_parent_unless_better=False)
+    first = finetune(emt_checkpoint, frames[:5], variant=NEW, config=config,
+                     output_dir=tmp_path / "gen1", validation=held)
+    assert (tmp_path / "gen1" / "heads_rows.energy__reparam.npz").is_file()
+    assert first.metrics["linear_solver"]["rows_reused"] == 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(first.checkpoint_path, alone / "model.ckpt")  # no rows next to it
+    incremental = finetune(first.checkpoint_path, frames, variant=NEW, config=config,
+                           output_dir=tmp_path / "gen2", validation=held)
+    scratch = finetune(alone / "model.ckpt", frames, variant=NEW, config=config,
+                       output_dir=tmp_path / "scratch", validation=held)
+    assert incremental.metrics["linear_solver"]["rows_reused"] == 5
+    assert scratch.metrics["linear_solver"]["rows_reused"] == 0
+    got, want = (_metatrain.last_layer_vector(_metatrain.load_model(r.checkpoint_path), NEW)
+                 for r in (incremental, scratch))
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
+    for key in ("ridge", "energy_weight_factor", "selected"):
+        assert incremental.metrics["linear_solver"][key] == scratch.metrics["linear_solver"][key]
+    # a full refit changes the backbone: its rows are not reused afterwards
+    full = finetune(first.checkpoint_path, frames[:4], variant=NEW, output_dir=tmp_path / "full",
+                    config=FineTuneConfig(method="full", num_epochs=1), validation=held)
+    assert not (tmp_path / "full" / "heads_rows.energy__reparam.npz").exists()
+    shutil.copyfile(tmp_path / "gen1" / "heads_rows.energy__reparam.npz",
+                    tmp_path / "full" / "heads_rows.energy__reparam.npz")  # stale rows
+    after_full = finetune(full.checkpoint_path, frames, variant=NEW, config=config,
+                          output_dir=tmp_path / "after-full", validation=held)
+    assert after_full.metrics["linear_solver"]["rows_reused"] == 0
+
+
+def test_refits_run_on_the_requested_device(emt_checkpoint, tmp_path):
+    import torch
+
+    frames = emt_frames(4, seed=14)
+    cpu = finetune(emt_checkpoint, frames, variant=NEW, output_dir=tmp_path / "cpu",
+                   device="cpu", validation=emt_frames(2, seed=15))
+    default = finetune(emt_checkpoint, frames, variant=NEW, output_dir=tmp_path / "default",
+                       validation=emt_frames(2, seed=15))
+    assert cpu.metrics["after"] == default.metrics["after"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            finetune(emt_checkpoint, frames, variant=NEW, output_dir=tmp_path / "cuda",
+                     device="cuda")
+        assert not (tmp_path / "cuda").exists()
+        return
+    gpu = finetune(emt_checkpoint, frames, variant=NEW, output_dir=tmp_path / "cuda",
+                   device="cuda", validation=emt_frames(2, seed=15))
+    assert gpu.metrics["after"]["forces_mae_meV_per_A"] == pytest.approx(
+        cpu.metrics["after"]["forces_mae_meV_per_A"], rel=1e-3)

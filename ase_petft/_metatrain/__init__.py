@@ -31,7 +31,8 @@ from .heads import (add_variant, atomic_types, composition_weights, copy_variant
                     set_composition_weights, variant_description)
 from .inference import (check_swap_compatible, export_model, new_pet_model,
                         prepare_for_inference, swap_weights)
-from .linear import apply_heads_update, energy_features, heads_rows, last_layer_parameters
+from .linear import (apply_heads_update, backbone_fingerprint, energy_features, heads_rows,
+                     last_layer_parameters, last_layer_vector)
 from .llpr import LLPR
 from .predict import predict
 from .training import (SgdRun, default_pet_hypers, import_metatrain, merge_lora, routed_logs,
@@ -54,7 +55,7 @@ __all__ = [
     "default_pet_hypers", "new_pet_model", "predict",
     # training
     "SgdRun", "train_sgd", "merge_lora", "heads_rows", "apply_heads_update",
-    "last_layer_parameters", "energy_features",
+    "last_layer_parameters", "last_layer_vector", "backbone_fingerprint", "energy_features",
     # uncertainty
     "LLPR",
 ]

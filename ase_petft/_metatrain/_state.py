@@ -62,3 +62,23 @@ def pet_class():
     with preserved_logger_class():
         from metatrain.pet import PET
     return PET
+
+
+def model_device(model):
+    """The device of a PET module's parameters."""
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def differentiable_attention(device) -> Iterator[None]:
+    """Attention kernels that support second derivatives: on CUDA, PET's double
+    backward fails with the efficient SDPA kernels and works with the MATH one."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

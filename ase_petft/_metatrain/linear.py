@@ -25,11 +25,12 @@ import torch
 
 from ..errors import FineTuneError
 from ..labels import Label
-from ._state import preserved_logger_class
+from ._state import differentiable_attention, model_device, preserved_logger_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["heads_rows", "apply_heads_update", "last_layer_parameters", "energy_features"]
+__all__ = ["heads_rows", "apply_heads_update", "last_layer_parameters", "energy_features",
+           "backbone_fingerprint", "last_layer_vector"]
 
 
 def last_layer_parameters(model, variant: str) -> List[Tuple[str, torch.nn.Parameter]]:
@@ -53,6 +54,28 @@ def heads_rows(model, variant: str, labels: Sequence[Label], *, config) -> List[
         for label in _augmented(labels, config.rotations, rng):
             out.append(_rows(model, variant, label, params, config))
     return out
+
+
+def last_layer_vector(model, variant: str) -> np.ndarray:
+    """The last-layer parameters of ``variant`` as one float64 vector (heads_rows' order)."""
+    return np.concatenate([p.detach().double().cpu().numpy().reshape(-1)
+                           for _, p in last_layer_parameters(model, variant)])
+
+
+def backbone_fingerprint(model, variant: str) -> str:
+    """Hash of every tensor of the model except ``variant``'s last layers: heads rows
+    (the Jacobians) computed under one fingerprint stay exact under any last-layer
+    weights, since the energy is linear in them."""
+    import hashlib
+
+    skip = {name for name, _ in last_layer_parameters(model, variant)}
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in skip:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def apply_heads_update(model, variant: str, delta: np.ndarray) -> None:
@@ -116,16 +139,18 @@ def _rows(model, variant: str, label: Label, params, config):
     dtype = params[0].dtype
     use_forces = label.forces is not None and config.forces_weight > 0
     use_stress = label.stress is not None and label.periodic and config.stress_weight > 0
-    with preserved_logger_class():
+    device = model_device(model)
+    with preserved_logger_class(), differentiable_attention(device):
         system = systems_to_torch(label.atoms, dtype=dtype)
         system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
-        system, strain = _prepare_system(system, True, True, False)
+        system, strain = _prepare_system(system.to(device=device), True, True, False)
         with _SavedBytes() as saved:
             out = model([system], {variant: ModelOutput(unit="eV", sample_kind="system")})
-    energy = out[variant].block().values.sum()
-    inputs = [system.positions] + ([strain] if use_stress else [])
-    g, e0, jac = _jacobian(energy, params, inputs, forces=use_forces or use_stress,
-                           mode=getattr(config, "jacobian", "auto"), graph_bytes=saved.bytes)
+        energy = out[variant].block().values.sum()
+        inputs = [system.positions] + ([strain] if use_stress else [])
+        g, e0, jac = _jacobian(energy, params, inputs, forces=use_forces or use_stress,
+                               mode=getattr(config, "jacobian", "auto"),
+                               graph_bytes=saved.bytes)
     n = label.n_atoms
     blocks, targets, weights, kinds = [], [], [], []
 
@@ -255,13 +280,14 @@ def energy_features(model, variant: str, atoms_list: Sequence) -> np.ndarray:
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
     params = [p for _, p in last_layer_parameters(model, variant)]
-    dtype = params[0].dtype
+    dtype, device = params[0].dtype, params[0].device
     rows = []
     with _frozen_except(model, params):
         for atoms in atoms_list:
             with preserved_logger_class():
                 system = systems_to_torch(atoms, dtype=dtype)
                 system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+                system = system.to(device=device)
                 out = model([system], {variant: ModelOutput(unit="eV", sample_kind="system")})
             grads = torch.autograd.grad(out[variant].block().values.sum(), params)
             rows.append(torch.cat([g.reshape(-1) for g in grads]).detach().double().cpu().numpy())

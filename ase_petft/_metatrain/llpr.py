@@ -78,8 +78,9 @@ def energy_uncertainty(llpr, variant: str, atoms_list: Sequence) -> List[float]:
     dtype = next(model.parameters()).dtype
     outputs = {name: ModelOutput(sample_kind="system")}
     with preserved_logger_class(), torch.no_grad():
+        device = next(model.parameters()).device
         systems = [get_system_with_neighbor_lists(s, model.requested_neighbor_lists())
-                   for s in systems_to_torch(list(atoms_list), dtype=dtype)]
+                   .to(device=device) for s in systems_to_torch(list(atoms_list), dtype=dtype)]
         result = llpr(systems, outputs)
     values = result[name].block().values.detach().double().cpu().numpy().reshape(-1)
     return [float(v) for v in np.asarray(values)]

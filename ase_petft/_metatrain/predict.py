@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from ..errors import FineTuneError
-from ._state import preserved_logger_class
+from ._state import differentiable_attention, model_device, preserved_logger_class
 
 __all__ = ["predict"]
 
@@ -28,16 +28,16 @@ def predict(model, atoms_list: Sequence, variant: str, *, forces: bool = True,
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
     info = _prediction_info(model, variant, forces, stress)
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, model_device(model)
     was_training = model.training
     model.eval()
     out: List[Dict[str, np.ndarray]] = []
     try:
-        with preserved_logger_class():
+        with preserved_logger_class(), differentiable_attention(device):
             for start in range(0, len(atoms_list), batch_size):
                 chunk = list(atoms_list[start:start + batch_size])
                 systems = [get_system_with_neighbor_lists(s, model.requested_neighbor_lists())
-                           for s in systems_to_torch(chunk, dtype=dtype)]
+                           .to(device=device) for s in systems_to_torch(chunk, dtype=dtype)]
                 result = evaluate_model(model, systems, {variant: info}, is_training=False)
                 out.extend(_unpack(result[variant].block(), chunk, forces, stress))
     finally:

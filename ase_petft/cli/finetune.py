@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--index", default=":", help="ASE index of the frames to read (default ':')")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="new generation directory")
+    p.add_argument("--device", default=None,
+                   help="where the refit runs: cpu (default), cuda or cuda:N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     with epoch_bar("epochs", args.quiet or config.effective_solver != "sgd") as bar:
         result = finetune(checkpoint, frames, variant=variant, config=config,
-                          output_dir=out, replay=replay, progress=bar)
+                          output_dir=out, replay=replay, progress=bar, device=args.device)
     print(format_result(result))
     return EXIT_OK
 

@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ..config import FineTuneConfig, FineTuneResult
 from ..errors import ConfigError, FineTuneError, PetftError
 from ..variants import validate_variant
+from ..devices import resolve_device
 from .generation import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, check_output_dir,
                          remove_leftovers,
                          write_generation, write_json)
@@ -67,7 +68,8 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
              replay=None, generation: Optional[int] = None,
              progress: Optional[Progress] = None, export: bool = True,
              overwrite: bool = False, validation=None,
-             ignore_frame_variants: bool = False) -> FineTuneResult:
+             ignore_frame_variants: bool = False, device: Optional[str] = None
+             ) -> FineTuneResult:
     """Fine-tune ``variant`` of a PET checkpoint on labelled frames, in-process.
 
     :param checkpoint: metatrain PET checkpoint (trusted pickle); never modified.
@@ -87,6 +89,8 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
         held out (``config.validation_fraction`` is then not used).
     :param ignore_frame_variants: train on frames whose ``atoms.info["variant"]`` names
         another variant (refused by default: a head would learn another level of theory).
+    :param device: where the refit runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default
+        CPU). A calculator's own refits run on its device.
     :raises InputError: bad input (too few/unlabelled frames, unknown elements, a
         variant without labels, a bad config or checkpoint), before any training.
     :raises FineTuneError: the run failed (divergence, NaN weights); cause chained.
@@ -95,16 +99,19 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
         checkpoint, frames, variant=variant, config=config, output_dir=output_dir,
         replay=replay, generation=generation, progress=progress, export=export,
         overwrite=overwrite, validation=validation,
-        ignore_frame_variants=ignore_frame_variants)
+        ignore_frame_variants=ignore_frame_variants, device=device)
     return result
 
 
 def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output_dir,
                         replay=None, generation=None, progress=None, export=True,
-                        overwrite=False, validation=None, ignore_frame_variants=False):
+                        overwrite=False, validation=None, ignore_frame_variants=False,
+                        reuse_rows_from=(), device=None):
     """:func:`finetune`, also returning the trained PET module (in-process callers
-    swap it into a calculator without reading the checkpoint back)."""
-    from . import prepare, run as engine
+    swap it into a calculator without reading the checkpoint back). ``reuse_rows_from``:
+    more generation folders whose heads rows may be reused (besides the input
+    checkpoint's folder, see :mod:`.rowcache`)."""
+    from . import prepare, rowcache, run as engine
 
     start = time.perf_counter()
     config = FineTuneConfig() if config is None else config
@@ -116,7 +123,8 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     check_output_dir(checkpoint, output_dir, overwrite=overwrite)
     run = prepare.prepare_run(checkpoint, frames, variant=variant, config=config,
                               replay=replay, validation=validation,
-                              ignore_frame_variants=ignore_frame_variants)
+                              ignore_frame_variants=ignore_frame_variants,
+                              device=resolve_device(device))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -126,8 +134,12 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     remove_leftovers(output_dir)
     try:
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".scratch-") as scratch:
-            trained = engine.train(run, scratch_dir=scratch, progress=progress)
+            trained = engine.train(run, scratch_dir=scratch, progress=progress,
+                                   reuse_rows_from=[checkpoint.parent, *map(pathlib.Path,
+                                                                            reuse_rows_from)])
         paths = write_generation(trained, output_dir, export=export)
+        if trained.row_cache is not None:
+            rowcache.save(output_dir, trained.row_cache)
     except PetftError:
         raise
     except Exception as exc:  # metatrain/torch failures: say what was being done
@@ -167,7 +179,7 @@ def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *
     calc.save_checkpoint(source)
     result = finetune(source, frames, variant=calc.variant, config=config,
                       output_dir=output_dir, replay=replay, generation=generation,
-                      progress=progress, export=True)
+                      progress=progress, export=True, device=calc.device)
     # from the written checkpoint, so that the running model equals it exactly (the
     # in-memory module after export differs by float32 rounding)
     swapped = calc.swap_model(result.checkpoint_path)

@@ -33,12 +33,13 @@ class Run:
     val: Dict[str, List[Label]]
     parent: Optional[str]  # the inherit_from head when the variant is new
     description: str
+    device: str = "cpu"
 
 
 # ---------------------------------------------------------------------- preparation
 def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
                 config: FineTuneConfig, replay, validation=None,
-                ignore_frame_variants: bool = False) -> Run:
+                ignore_frame_variants: bool = False, device: str = "cpu") -> Run:
     """Check everything and split the labels. With ``validation`` (labelled frames of
     ``variant`` that are never trained on, e.g. a learner's held-out labels) there is
     no split at all: every frame trains and ``validation`` selects and reports."""
@@ -56,6 +57,7 @@ def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
             model = _metatrain.load_model(checkpoint)  # building a PET draws random numbers
     except CheckpointError as exc:
         raise CheckpointError(f"cannot fine-tune {str(checkpoint)!r}: {exc}") from exc
+    model = model.to(device)
     _check_elements(model, groups)
     parent = _check_variants(model, groups, variant, config)
     rng = np.random.default_rng(config.seed)
@@ -79,7 +81,7 @@ def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
     else:
         description = config.description or new_variant_description(variant, parent)
     return Run(source=checkpoint, model=model, variant=variant, config=config,
-               train=train, val=val, parent=parent, description=description)
+               train=train, val=val, parent=parent, description=description, device=device)
 
 
 def _check_elements(model, groups: Dict[str, List[Label]]) -> None:

@@ -20,6 +20,7 @@ from ..config import FineTuneConfig
 from ..errors import FineTuneError
 from ..labels import Label, reference_dicts
 from ..metrics import error_metrics
+from . import rowcache
 from .prepare import Run
 from .solver import StructureRows, solve
 
@@ -38,10 +39,11 @@ class Trained:
     dropped: List[str]
     variants: List[str]
     best_epoch: Optional[int]
+    row_cache: Any = None  # rowcache.RowCache of a closed-form heads refit
 
 
 # ---------------------------------------------------------------------- training
-def train(run: Run, *, scratch_dir: str, progress=None) -> Trained:
+def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> Trained:
     config, model = run.config, run.model
     replay_names = [v for v in run.train if v != run.variant]
     eval_sets = _eval_sets(run)
@@ -51,16 +53,17 @@ def train(run: Run, *, scratch_dir: str, progress=None) -> Trained:
     with _metatrain.seeded(config.seed):
         if run.parent is not None and config.new_variant_baseline == "residual":
             _create_variant(run)
-        solver_info = None
+        solver_info = cache = None
         if config.effective_solver == "linear":
             best_epoch = None
-            solver_info = _refit_heads_linear(model, run.variant, run.train[run.variant], config)
+            solver_info, cache = _refit_heads_linear(model, run.variant, run.train[run.variant],
+                                                     config, reuse_rows_from)
         else:
             best_epoch = _metatrain.train_sgd(
                 _metatrain.SgdRun(model=model, variant=run.variant, config=config,
                                   source=str(run.source), train=run.train, val=run.val,
                                   parent=run.parent, description=run.description),
-                scratch_dir=scratch_dir, progress=progress)
+                scratch_dir=scratch_dir, progress=progress, device=run.device)
     _check_finite(model)
     after = {name: _errors(model, labels, name) for name, labels in eval_sets.items()}
     _check_divergence(before[run.variant], after[run.variant], config, run.variant)
@@ -79,20 +82,52 @@ def train(run: Run, *, scratch_dir: str, progress=None) -> Trained:
         n_train=sum(len(v) for v in run.train.values()),
         n_val=sum(len(v) for v in run.val.values()), metrics=metrics,
         dropped=[v for v in before_variants if v not in variants], variants=variants,
-        best_epoch=best_epoch,
+        best_epoch=best_epoch, row_cache=cache,
     )
 
 
-def _refit_heads_linear(model, variant: str, labels: List[Label], config) -> Dict[str, Any]:
-    """Rows from the adapter, model selection here (:mod:`.solver`), update back."""
-    rows = [StructureRows(A=a, y=y, w=w, kind=k)
-            for a, y, w, k in _metatrain.heads_rows(model, variant, labels, config=config)]
+def _refit_heads_linear(model, variant: str, labels: List[Label], config,
+                        reuse_rows_from=()) -> tuple:
+    """Rows from the adapter (reused from earlier refits where exact, see
+    :mod:`.rowcache`), model selection here (:mod:`.solver`), update back. Returns
+    the solver's record and the rows for the next refit."""
+    fingerprint = _metatrain.backbone_fingerprint(model, variant)
+    theta = _metatrain.last_layer_vector(model, variant)
+    setting = rowcache.row_setting(config)
+    keys = [rowcache.label_key(label) for label in labels]
+    known: Dict[str, tuple] = {}
+    if config.rotations == 0:  # rotated copies are random: never reused
+        for cache in rowcache.load(reuse_rows_from, variant=variant, fingerprint=fingerprint,
+                                   setting=setting):
+            known.update({k: v for k, v in cache.at(theta).items() if k in keys})
+    missing = [(k, label) for k, label in zip(keys, labels) if k not in known]
+    fresh = _metatrain.heads_rows(model, variant, [label for _, label in missing],
+                                  config=config) if missing else []
+    if config.rotations == 0:
+        known.update({k: tuple(r) for (k, _), r in zip(missing, fresh)})
+        ordered = [known[k] for k in keys]
+    else:  # heads_rows returned the labels and their rotated copies
+        ordered = fresh
+    rows = [StructureRows(A=np.asarray(a, dtype=np.float64), y=y, w=w, kind=k)
+            for a, y, w, k in ordered]
     delta, info = solve(rows, ridge=config.ridge,
                         keep_parent_unless_better=config.keep_parent_unless_better)
+    info["rows_reused"] = len(labels) - len(missing) if config.rotations == 0 else 0
     if info["selected"] == "refit":
         _metatrain.apply_heads_update(model, variant, delta)
-    logger.info("linear heads refit of %r: %s", variant, info["reason"])
-    return info
+    logger.info("linear heads refit of %r (%d of %d labels' rows reused): %s", variant,
+                info["rows_reused"], len(labels), info["reason"])
+    cache = None
+    if config.rotations == 0:
+        compact = {k: (_compact(known[k][0]), *known[k][1:]) for k in keys}
+        cache = rowcache.RowCache(variant, fingerprint, setting, theta, compact)
+    return info, cache
+
+
+def _compact(A: np.ndarray) -> np.ndarray:
+    """float32 when that loses nothing (rows of a float32 model are float32 numbers)."""
+    single = A.astype(np.float32)
+    return single if np.array_equal(single.astype(A.dtype), A) else A
 
 
 def _eval_sets(run: Run) -> Dict[str, List[Label]]:

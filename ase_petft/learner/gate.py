@@ -82,6 +82,7 @@ class RefitSpec:
     generation: int
     tolerance: float
     n_labels_total: int
+    device: str = "cpu"  # where the refit runs: the calculator's device
     preload: bool = True
     anchor: tuple = ()  # labels held out before the first refit: a fixed yardstick
     harm: Optional[HarmSet] = None
@@ -125,7 +126,9 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     result, model = finetune_with_model(
         spec.source_checkpoint, spec.train, variant=spec.variant, config=spec.config,
         output_dir=spec.output_dir, generation=spec.generation,
-        validation=list(spec.holdout))  # one hold-out: no second split inside the run
+        validation=list(spec.holdout),  # one hold-out: no second split inside the run
+        reuse_rows_from=[spec.output_dir.parent / f"gen-{spec.generation - 1:04d}"],
+        device=spec.device)
     decision: Dict[str, Any] = {
         "generation": spec.generation, "source_generation": spec.source_generation,
         "n_train": len(spec.train), "n_holdout": len(spec.holdout),

@@ -374,7 +374,7 @@ class OnTheFlyLearner:
             preload=self._executor is None or isinstance(
                 self._executor, concurrent.futures.ThreadPoolExecutor),
             anchor=self._anchor_set(holdout), harm=self._harm_set(train),
-            probe_atoms=self._probe_atoms(), gate=self.gate,
+            probe_atoms=self._probe_atoms(), gate=self.gate, device=self.calc.device,
         )
         self._labels_at_refit = self._n_labels
         self._event("refit_start", generation=self._attempt, n_train=len(train),
