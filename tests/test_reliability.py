@@ -217,3 +217,27 @@ def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_pat
     calc.swap_model(extra.checkpoint_path)
     assert "energy/extra" in caplog.text and "not swapped in" in caplog.text
     assert "energy/extra" not in calc.variants and calc.generation == 1
+
+
+def test_gate_reuses_the_refits_own_evaluation_of_the_held_out_labels(parts):
+    import json
+
+    from ase_petft.learner.gate import GateConfig, evaluate_generation
+
+    calc, atoms, buffer, workdir = parts
+    with OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, select=every(1),
+                         refit_every=5, background=False, tolerance=10.0, holdout_fraction=0.3,
+                         config=FineTuneConfig(keep_parent_unless_better=False),
+                         gate=GateConfig(probe_steps=0, harm_factor=1e9)) as learner:
+        for i in range(6):
+            atoms.rattle(0.03, seed=100 + i)
+            atoms.get_potential_energy()
+            learner()
+    decision = json.loads((workdir / "gen-0001" / "decision.json").read_text())
+    holdout = [a for a in buffer.frames("energy/emt") if a.info["holdout"]]
+    assert decision["n_holdout"] == len(holdout) >= 1
+    old, _ = evaluate_generation(workdir / "gen-0000" / "model.ckpt", holdout, "energy/emt")
+    new, _ = evaluate_generation(workdir / "gen-0001" / "model.ckpt", holdout, "energy/emt")
+    for key in ("forces_mae_meV_per_A", "energy_mae_meV_per_atom"):
+        assert decision["old"][key] == pytest.approx(old[key], rel=1e-4)
+        assert decision["new"][key] == pytest.approx(new[key], rel=1e-4, abs=1e-3)

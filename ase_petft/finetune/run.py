@@ -72,6 +72,7 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
         "solver": config.effective_solver,
         "split": "validation" if run.val[run.variant] else "train",
         "before": before[run.variant], "after": after[run.variant],
+        "created_variant": run.parent is not None,  # "before" is then the parent head's
         "replay": {v: {"before": before[v], "after": after[v]} for v in replay_names},
     }
     if solver_info is not None:

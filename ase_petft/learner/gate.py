@@ -167,12 +167,18 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
                              f"head ({solver.get('reason', '')})")
         return checks
     current = None  # the running generation's model, read once for both comparisons
+    fit = decision.get("fit_metrics", {})
     for name, frames in (("holdout", spec.holdout), ("anchor", spec.anchor)):
         if not frames:
             continue
-        current = current or _metatrain.load_model(spec.source_checkpoint)
-        old, _ = evaluate_generation(current, list(frames), spec.variant)
-        new, _ = evaluate_generation(model, list(frames), spec.variant)
+        if name == "holdout" and _fit_evaluated(fit, len(frames)):
+            # finetune() evaluated the source and the trained model on exactly these
+            # labels (its validation set), the same way: reuse, do not predict twice
+            old, new = fit["before"], fit["after"]
+        else:
+            current = current or _metatrain.load_model(spec.source_checkpoint)
+            old, _ = evaluate_generation(current, list(frames), spec.variant)
+            new, _ = evaluate_generation(model, list(frames), spec.variant)
         decision.update({name: {"old": old, "new": new}})
         if name == "holdout":
             decision.update(old=old, new=new)
@@ -190,6 +196,15 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
     if spec.probe_atoms is not None and spec.gate.probe_steps > 0:
         checks["stability"] = _stability_probe(spec, checkpoint)
     return checks
+
+
+def _fit_evaluated(fit: Dict[str, Any], n_frames: int) -> bool:
+    """Whether finetune's before/after metrics are those of the held-out labels (its
+    validation set was them, and the variant existed in the source: "before" is the
+    running generation)."""
+    before, after = fit.get("before") or {}, fit.get("after") or {}
+    return (fit.get("split") == "validation" and before.get("n_frames") == n_frames
+            and after.get("n_frames") == n_frames and not fit.get("created_variant"))
 
 
 def _no_harm(spec: RefitSpec, model) -> Tuple[bool, str]:
