@@ -536,6 +536,11 @@ def test_incremental_heads_refit_equals_a_refit_from_scratch(emt_checkpoint, tmp
                        output_dir=tmp_path / "scratch", validation=held)
     assert incremental.metrics["linear_solver"]["rows_reused"] == 5
     assert scratch.metrics["linear_solver"]["rows_reused"] == 0
+    # the input's errors on the same validation labels come from the run that wrote it,
+    # and agree with evaluating the checkpoint afresh (float32: ~1e-5 relative)
+    assert incremental.metrics["before"] == first.metrics["after"]
+    for key, value in scratch.metrics["before"].items():
+        assert incremental.metrics["before"][key] == pytest.approx(value, rel=1e-4, abs=1e-3)
     got, want = (_metatrain.last_layer_vector(_metatrain.load_model(r.checkpoint_path), NEW)
                  for r in (incremental, scratch))
     assert np.allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())

@@ -47,8 +47,11 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
     config, model = run.config, run.model
     replay_names = [v for v in run.train if v != run.variant]
     eval_sets = _eval_sets(run)
-    before = {name: _errors(model, labels, name if name in _metatrain.energy_variants(model)
-                            else run.parent) for name, labels in eval_sets.items()}
+    eval_key = _labels_key(eval_sets.get(run.variant, []))
+    known = _source_evaluation(run, eval_key)
+    before = {name: known if (name == run.variant and known is not None) else
+              _errors(model, labels, name if name in _metatrain.energy_variants(model)
+                      else run.parent) for name, labels in eval_sets.items()}
     before_variants = _metatrain.energy_variants(model)
     with _metatrain.seeded(config.seed):
         if run.parent is not None and config.new_variant_baseline == "residual":
@@ -73,6 +76,7 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
         "split": "validation" if run.val[run.variant] else "train",
         "before": before[run.variant], "after": after[run.variant],
         "created_variant": run.parent is not None,  # "before" is then the parent head's
+        "evaluation_labels": eval_key,  # which labels "before"/"after" were measured on
         "replay": {v: {"before": before[v], "after": after[v]} for v in replay_names},
     }
     if solver_info is not None:
@@ -129,6 +133,30 @@ def _compact(A: np.ndarray) -> np.ndarray:
     """float32 when that loses nothing (rows of a float32 model are float32 numbers)."""
     single = A.astype(np.float32)
     return single if np.array_equal(single.astype(A.dtype), A) else A
+
+
+def _labels_key(labels: List[Label]) -> str:
+    """One hash of a list of labels (order included)."""
+    import hashlib
+
+    return hashlib.sha1("".join(rowcache.label_key(label) for label in labels).encode()
+                        ).hexdigest()
+
+
+def _source_evaluation(run: Run, eval_key: str) -> Optional[Dict[str, float]]:
+    """The errors of the input model on these very labels, if the run that wrote the
+    input checkpoint measured them (its "after" on the same evaluation labels): an
+    incremental refit then does not evaluate its input again."""
+    from .generation import METRICS_NAME, read_json
+
+    if run.parent is not None:
+        return None
+    previous = read_json(pathlib.Path(run.source).parent / METRICS_NAME) or {}
+    metrics = previous.get("metrics") or {}
+    same = (metrics.get("evaluation_labels") == eval_key and metrics.get("variant") == run.variant
+            and previous.get("checkpoint_path") is not None
+            and pathlib.Path(previous["checkpoint_path"]).resolve() == pathlib.Path(run.source).resolve())
+    return dict(metrics["after"]) if same and metrics.get("after") else None
 
 
 def _eval_sets(run: Run) -> Dict[str, List[Label]]:
