@@ -592,7 +592,9 @@ class _DaemonExecutor(concurrent.futures.Executor):
 def _workdir_busy(target: pathlib.Path) -> ConfigError:
     return ConfigError(f"the work directory {str(target.parent)!r} is in use by another "
                        "learner (its lock file .learner.lock is held); one learner writes a "
-                       "work directory at a time. Use another workdir, or stop the other run.")
+                       "work directory at a time. Close the other one (learner.close(), or "
+                       "use `with OnTheFlyLearner(...) as learner:`), stop the other run, or "
+                       "use another workdir.")
 
 
 def _workdir_unusable(target: pathlib.Path, exc: OSError) -> ConfigError:
