@@ -37,6 +37,11 @@ class CountingEMT(EMT):
 
 
 def interrupted(checkpoint, workdir, steps, refit_every):
+    import signal
+
+    # Ctrl-C in a terminal raises KeyboardInterrupt; a process started in the background
+    # of a non-interactive shell (CI) inherits SIGINT ignored: restore Python's handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     atoms = emt_frames(1, seed=21)[0]
     calc = FineTunableCalculator(checkpoint, variant="energy/emt")
     atoms.calc = calc

@@ -96,17 +96,28 @@ def test_ctrl_c_during_a_background_refit_stops_promptly(emt_checkpoint, tmp_pat
     cmd = [sys.executable, str(HERE / "_learner_run.py"), str(emt_checkpoint), str(tmp_path),
            "400", "2", "interrupt"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    import queue
+    import threading
+
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env) as proc:
-        for line in proc.stdout:
-            if line.strip() == "REFIT_RUNNING":
-                break
-        else:
-            pytest.fail(f"no refit started: {proc.stderr.read()[-2000:]}")
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x.strip()) for x in proc.stdout],
+                         daemon=True).start()
+        try:  # never wait forever on a child that does not say it is refitting
+            while lines.get(timeout=120) != "REFIT_RUNNING":
+                pass
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"no refit started within 120 s: {proc.stderr.read()[-2000:]}")
         time.sleep(0.5)
         sent = time.perf_counter()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the learner did not stop within 60 s of SIGINT")
         stopped = time.perf_counter() - sent
         stderr = proc.stderr.read()
     assert stopped < 10.0, f"took {stopped:.1f} s to stop after Ctrl-C"
