@@ -32,10 +32,8 @@ it is abandoned (its generation folder stays unfinished and is ignored on restar
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import threading
-import math
 import logging
+import math
 import pathlib
 import tempfile
 import time
@@ -45,6 +43,7 @@ import numpy as np
 
 from .._locks import ExclusiveLock
 from ..errors import ConfigError, LabellingError
+from . import _support as support
 from . import gate
 from . import workdir as wd
 from .gate import GateConfig, HarmSet
@@ -110,9 +109,9 @@ class OnTheFlyLearner:
                  reference_timeout: Optional[float] = None) -> None:
         from ..config import FineTuneConfig
 
-        _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
+        support.validate(calc, reference, buffer, select, refit_every, holdout_fraction,
                   max_labels, tolerance)
-        _validate_more(config, properties, refit_threads, reference_timeout)
+        support.validate_more(config, properties, refit_threads, reference_timeout)
         self.reference_timeout = reference_timeout
         watchdog = WatchdogConfig() if watchdog is None else watchdog
         if not isinstance(watchdog, WatchdogConfig):
@@ -136,8 +135,8 @@ class OnTheFlyLearner:
         except OSError as exc:
             raise ConfigError(f"cannot create the work directory {str(self.workdir)!r}: "
                               f"{exc}") from exc
-        self._lock = ExclusiveLock(self.workdir / "learner", busy=_workdir_busy,
-                                   unusable=_workdir_unusable)
+        self._lock = ExclusiveLock(self.workdir / "learner", busy=support.workdir_busy,
+                                   unusable=support.workdir_unusable)
         self._atoms, self._executor = atoms, executor
         self._own_executor = None
         self._future: Optional[concurrent.futures.Future] = None
@@ -171,7 +170,7 @@ class OnTheFlyLearner:
         wd.clean(self.workdir)
         self._labels = list(self.buffer.frames(variant=self.variant))
         frames = self._frames()
-        self._known = {_structure_key(a) for a in frames}
+        self._known = {support.structure_key(a) for a in frames}
         self._n_labels = len(frames)
         self._n_holdout = sum(bool(a.info.get("holdout")) for a in frames)
         done = wd.decisions(self.workdir)
@@ -293,10 +292,10 @@ class OnTheFlyLearner:
     def _label(self, atoms, ctx: StepContext) -> None:
         from ..labelling import label
 
-        key = _structure_key(atoms)
+        key = support.structure_key(atoms)
         self._since_label = 0
         if key in self._known:
-            self._event("label_reused", uncertainty=_maybe(ctx))
+            self._event("label_reused", uncertainty=support.maybe(ctx))
             return
         start = time.perf_counter()
         self.reference_calls += 1
@@ -315,12 +314,12 @@ class OnTheFlyLearner:
         predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
         index = self.buffer.append(labelled, variant=self.variant, step=self._step,
                                    generation=self.calc.generation, holdout=holdout,
-                                   predicted_energy=predicted, uncertainty=_maybe(ctx))
+                                   predicted_energy=predicted, uncertainty=support.maybe(ctx))
         self._labels.append(self.buffer[index])  # one frame back, as every reader sees it
         self._known.add(key)
         self._n_labels += 1
         self._n_holdout += int(holdout)
-        self._event("label", holdout=holdout, uncertainty=_maybe(ctx),
+        self._event("label", holdout=holdout, uncertainty=support.maybe(ctx),
                     wall_time_s=time.perf_counter() - start)
         self._refit_uncertainty()
 
@@ -380,10 +379,10 @@ class OnTheFlyLearner:
         self._event("refit_start", generation=self._attempt, n_train=len(train),
                     n_holdout=len(holdout))
         if not self.background:
-            self._finish(_safe_refit(spec, None))
+            self._finish(support.safe_refit(spec, None))
             return
         self._share_cores()
-        self._future = self._pool().submit(_safe_refit, spec, self.refit_threads)
+        self._future = self._pool().submit(support.safe_refit, spec, self.refit_threads)
 
     def _anchor_set(self, holdout) -> tuple:
         if self._anchor is None:  # fixed at the first refit, never moves afterwards
@@ -452,7 +451,7 @@ class OnTheFlyLearner:
         if self._executor is not None:
             return self._executor
         if self._own_executor is None:
-            self._own_executor = _DaemonExecutor()
+            self._own_executor = support.DaemonExecutor()
         return self._own_executor
 
     def _collect_refit(self) -> None:
@@ -568,104 +567,3 @@ class OnTheFlyLearner:
                "n_labels": self._n_labels, "time": time.time(), **fields}
         self.history.append(row)
         wd.append_history(self.workdir, row)
-
-
-class _DaemonExecutor(concurrent.futures.Executor):
-    """One daemon thread per refit: an interrupted program exits without waiting for
-    it (a ThreadPoolExecutor's workers are joined at interpreter exit)."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        future = concurrent.futures.Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=run, name="petft-refit", daemon=True).start()
-        return future
-
-
-def _workdir_busy(target: pathlib.Path) -> ConfigError:
-    return ConfigError(f"the work directory {str(target.parent)!r} is in use by another "
-                       "learner (its lock file .learner.lock is held); one learner writes a "
-                       "work directory at a time. Close the other one (learner.close(), or "
-                       "use `with OnTheFlyLearner(...) as learner:`), stop the other run, or "
-                       "use another workdir.")
-
-
-def _workdir_unusable(target: pathlib.Path, exc: OSError) -> ConfigError:
-    return ConfigError(f"cannot lock the work directory {str(target.parent)!r} ({exc}); it "
-                       "must be writable.")
-
-
-def _maybe(ctx: StepContext) -> Optional[float]:
-    return ctx.uncertainty if ctx.uncertainty_evaluated else None
-
-
-def _structure_key(atoms) -> str:
-    digest = hashlib.sha1()
-    for array in (atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64),
-                  np.asarray(atoms.cell, dtype=np.float64), atoms.pbc.astype(np.uint8)):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def _safe_refit(spec, threads: Optional[int]):
-    """Run a refit; return its exception instead of raising (the run goes on)."""
-    try:
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)  # this worker thread's OpenMP team only
-        return gate.run_refit(spec)
-    except Exception as exc:
-        logger.debug("refit failed", exc_info=True)
-        return exc
-
-
-def _validate_more(config, properties, refit_threads, reference_timeout) -> None:
-    from ..config import FineTuneConfig
-
-    if config is not None and not isinstance(config, FineTuneConfig):
-        raise ConfigError(f"config must be a FineTuneConfig, got {type(config).__name__}; "
-                          "build one with FineTuneConfig(**settings)")
-    allowed = ("energy", "forces", "stress")
-    props = tuple(properties) if isinstance(properties, (list, tuple)) else None
-    if not props or any(p not in allowed for p in props) or "energy" not in props:
-        raise ConfigError(f"properties must be a tuple of {allowed} that includes 'energy' "
-                          f"(the model is fitted to energies), got {properties!r}")
-    if refit_threads is not None and (isinstance(refit_threads, bool)
-                                      or not isinstance(refit_threads, int) or refit_threads < 1):
-        raise ConfigError(f"refit_threads must be None or a positive integer, got "
-                          f"{refit_threads!r}")
-    if reference_timeout is not None and (isinstance(reference_timeout, bool) or not isinstance(
-            reference_timeout, (int, float)) or not reference_timeout > 0):
-        raise ConfigError(f"reference_timeout must be None or a positive number of seconds, "
-                          f"got {reference_timeout!r}")
-
-
-def _validate(calc, reference, buffer, select, refit_every, holdout_fraction,
-              max_labels, tolerance) -> None:
-    from ..calculator import FineTunableCalculator
-
-    if not isinstance(calc, FineTunableCalculator):
-        raise ConfigError(f"calc must be a FineTunableCalculator, got {type(calc).__name__}")
-    if not hasattr(reference, "calculate") or isinstance(reference, FineTunableCalculator):
-        raise ConfigError("reference must be an ASE calculator giving reference labels "
-                         f"(DFT, xTB, ...), got {type(reference).__name__}")
-    if not hasattr(buffer, "append") or getattr(buffer, "mode", "a") == "r":
-        raise ConfigError("buffer must be a LabelBuffer opened for writing (mode 'a' or 'w-')")
-    if select is not None and not isinstance(select, Policy):
-        raise ConfigError(f"select must be a selection policy such as every(10), got {select!r}")
-    if isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1:
-        raise ConfigError(f"refit_every must be a positive integer, got {refit_every!r}")
-    if not 0.0 <= float(holdout_fraction) <= 0.5:
-        raise ConfigError(f"holdout_fraction must be in [0, 0.5], got {holdout_fraction!r}")
-    if max_labels is not None and (not isinstance(max_labels, int) or max_labels < 1):
-        raise ConfigError(f"max_labels must be None or a positive integer, got {max_labels!r}")
-    if not float(tolerance) >= 0.0:
-        raise ConfigError(f"tolerance must be >= 0, got {tolerance!r}")
