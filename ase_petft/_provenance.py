@@ -24,6 +24,7 @@ Nothing here imports torch or metatrain.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import pathlib
@@ -39,6 +40,7 @@ __all__ = [
     "describe_calculator",
     "is_model_calculator",
     "level_of_theory",
+    "content_key",
     "json_safe",
     "utc_now",
 ]
@@ -177,3 +179,24 @@ def finite_or_none(value: Any) -> float | None:
 def dumps(document: dict) -> bytes:
     """Compact UTF-8 JSON (NaN/Infinity allowed: Python's json reads them back)."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def content_key(numbers, positions, cell, pbc, *values) -> str:
+    """Identity of a structure, and of whatever ``values`` are given with it (energies,
+    forces, variant names; None counts as a value): a SHA-1 of the exact numbers. The
+    one key for "the same structure" (the learner), "the same label" (buffer imports)
+    and "the same fitted label" (reused heads rows)."""
+    digest = hashlib.sha1()
+    parts = [np.asarray(numbers, dtype=np.int64), np.asarray(positions, dtype=np.float64),
+             np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=np.uint8)]
+    for value in values:
+        if value is None:
+            parts.append(b"-")
+        elif isinstance(value, str):
+            parts.append(value.encode())
+        else:
+            parts.append(np.asarray(value, dtype=np.float64))
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()

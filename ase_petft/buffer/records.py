@@ -45,13 +45,7 @@ class Record:
 
 def record_key(numbers, positions, cell, pbc, energy, variant: str) -> str:
     """Exact identity of a label: the same structure with the same energy and variant."""
-    import hashlib
-
-    digest = hashlib.sha1(str(variant).encode())
-    for array, dtype in ((numbers, np.int64), (positions, np.float64), (cell, np.float64),
-                         (pbc, np.uint8), (energy, np.float64)):
-        digest.update(np.ascontiguousarray(np.asarray(array, dtype=dtype)).tobytes())
-    return digest.hexdigest()
+    return prov.content_key(numbers, positions, cell, pbc, energy, str(variant))
 
 
 class _Frame:

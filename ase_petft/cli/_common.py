@@ -13,8 +13,9 @@ import contextlib
 import os
 import pathlib
 import sys
-from typing import Dict, Iterator, List, NoReturn, Optional
+from typing import Dict, Iterator, List, NoReturn
 
+from ..buffer.sources import buffer_frames, file_frames, is_buffer, memory_buffer, read_labels
 from ..errors import EXIT_FAILED, EXIT_INPUT, EXIT_OK, UsageError, exit_code
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "UsageError", "exit_code", "Parser",
@@ -122,63 +123,6 @@ def epoch_bar(desc: str, quiet: bool) -> Iterator[EpochBar]:
 
 
 # ---------------------------------------------------------------------- label files
-def is_buffer(path: pathlib.Path) -> bool:
-    """True for an HDF5 file (a :class:`~ase_petft.LabelBuffer`)."""
-    import h5py
-
-    try:
-        return bool(h5py.is_hdf5(path))
-    except OSError:
-        return False
-
-
-def buffer_frames(path: pathlib.Path, variant: Optional[str] = None) -> List:
-    """Labels of a buffer file (of ``variant`` when given; an error if it has none)."""
-    from ..buffer import LabelBuffer
-
-    with LabelBuffer(path, mode="r") as buffer:
-        if variant is not None and variant not in buffer.variants:
-            have = list(buffer.variants) or "no labels"
-            raise UsageError(f"buffer {str(path)!r} has no labels of variant {variant!r} "
-                             f"(it has {have}); pass --variant with one of these")
-        return list(buffer.frames(variant=variant))
-
-
-def file_frames(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
-    """Labelled frames of any file ``ase.io`` reads, validated like buffer labels.
-
-    The frames go through a temporary :class:`~ase_petft.LabelBuffer` (its
-    ``import_file``), so a missing energy, a NaN or a wrong shape is a clear
-    :class:`~ase_petft.LabelBufferError`. Forces are optional.
-    """
-    with memory_buffer(require_forces=False) as buffer:
-        buffer.import_file(path, variant=variant, index=index, skip_duplicates=False)
-        return list(buffer.frames())
-
-
-@contextlib.contextmanager
-def memory_buffer(**settings) -> Iterator:
-    """A :class:`~ase_petft.LabelBuffer` in memory (an HDF5 file that is never written
-    to disk): validates labels without temporary files a killed process would leave."""
-    import uuid
-
-    import h5py
-
-    from ..buffer import LabelBuffer
-
-    with h5py.File(f"petft-check-{uuid.uuid4().hex}.h5", "w", driver="core",
-                   backing_store=False) as root:
-        with LabelBuffer(root, mode="w-", **settings) as buffer:
-            yield buffer
-
-
-def read_labels(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
-    """Frames of ``variant`` from a buffer (.h5) or any labelled file ASE reads."""
-    if is_buffer(path):
-        return buffer_frames(path, variant)
-    return file_frames(path, variant, index=index)
-
-
 def read_replay(paths: List[str], *, exclude: str, default_variant: str) -> Dict[str, list]:
     """``{variant: frames}`` of replay files: every variant of a buffer except
     ``exclude``; all frames of another file as ``default_variant``."""

@@ -6,7 +6,7 @@ import os
 import pathlib
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ..errors import TrainingDataError
+from ..errors import LabelBufferError, TrainingDataError
 from ..labels import Label, labels_from_frames
 from ..variants import validate_variant
 
@@ -29,22 +29,12 @@ def _frames_of(source, variant: Optional[str]):
 
 
 def _frames_of_path(path: pathlib.Path, variant: Optional[str]) -> list:
-    if not path.is_file():
-        raise TrainingDataError(f"no labelled frames at {str(path)!r}: the file does not exist")
-    with open(path, "rb") as handle:
-        is_hdf5 = handle.read(8) == b"\x89HDF\r\n\x1a\n"
-    if is_hdf5:
-        from ..buffer import LabelBuffer
-
-        with LabelBuffer(path, "r") as buffer:
-            return list(buffer.frames(variant=variant))
-    import ase.io
+    from ..buffer.sources import read_labels
 
     try:
-        return list(ase.io.read(path, index=":"))
-    except Exception as exc:
-        raise TrainingDataError(f"cannot read labelled frames from {str(path)!r} with "
-                                f"ase.io.read ({type(exc).__name__}: {exc})") from exc
+        return read_labels(path, variant)
+    except LabelBufferError as exc:
+        raise TrainingDataError(str(exc)) from exc
 
 
 def check_frame_variants(frames: Sequence, variant: str, *, what: str = "frame") -> None:

@@ -14,7 +14,6 @@ the backbone and so starts afresh.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._provenance import content_key
 from ..labels import Label
 
 logger = logging.getLogger(__name__)
@@ -34,16 +34,9 @@ VERSION = 1
 
 def label_key(label: Label) -> str:
     """Identity of a label: its structure and every value it is fitted to."""
-    digest = hashlib.sha1()
     atoms = label.atoms
-    for array, dtype in ((atoms.numbers, np.int64), (atoms.positions, np.float64),
-                         (np.asarray(atoms.cell), np.float64), (atoms.pbc, np.uint8),
-                         (label.energy, np.float64)):
-        digest.update(np.ascontiguousarray(np.asarray(array, dtype=dtype)).tobytes())
-    for value in (label.forces, label.stress):
-        digest.update(b"-" if value is None else
-                      np.ascontiguousarray(np.asarray(value, dtype=np.float64)).tobytes())
-    return digest.hexdigest()
+    return content_key(atoms.numbers, atoms.positions, atoms.cell, atoms.pbc, label.energy,
+                       label.forces, label.stress)
 
 
 def row_setting(config) -> str:

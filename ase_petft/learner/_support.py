@@ -7,19 +7,18 @@ holds state.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
 import pathlib
 import threading
 from typing import Optional
 
-import numpy as np
-
+from .._provenance import content_key
 from ..errors import ConfigError
 from . import gate
 from .selection import Policy, StepContext
 
 logger = logging.getLogger(__name__)
+
 
 class DaemonExecutor(concurrent.futures.Executor):
     """One daemon thread per refit: an interrupted program exits without waiting for
@@ -58,11 +57,7 @@ def maybe(ctx: StepContext) -> Optional[float]:
 
 
 def structure_key(atoms) -> str:
-    digest = hashlib.sha1()
-    for array in (atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64),
-                  np.asarray(atoms.cell, dtype=np.float64), atoms.pbc.astype(np.uint8)):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+    return content_key(atoms.numbers, atoms.positions, atoms.cell, atoms.pbc)
 
 
 def safe_refit(spec, threads: Optional[int]):
