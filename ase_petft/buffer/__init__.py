@@ -400,7 +400,7 @@ class LabelBuffer:
                 raise LabelBufferError(
                     f"frame {i} of {self._where} is damaged (checksum mismatch); the file "
                     "was corrupted on disk. Copy out the intact frames with 'petft buffer "
-                    "recover FILE NEW.h5', or read with frames(skip_damaged=True).")
+                    "recover FILE -o NEW.h5', or read with frames(skip_damaged=True).")
             found[i] = row_to_atoms(row, atom_rows, text, a0, t0, i)
         return found
 

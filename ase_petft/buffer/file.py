@@ -69,7 +69,7 @@ def _damage_hint(exc: BaseException) -> str:
                 "set HDF5_USE_FILE_LOCKING=BEST_EFFORT (it is "
                 f"{value!r} now); ase_petft keeps its own single-writer lock either way.")
     return ("If it is a label buffer, it is damaged: copy out the intact frames with "
-            "'petft buffer recover FILE NEW.h5'.")
+            "'petft buffer recover FILE -o NEW.h5'.")
 
 
 def check_not_truncated(path: pathlib.Path) -> None:
@@ -90,7 +90,7 @@ def check_not_truncated(path: pathlib.Path) -> None:
             f"{str(path)!r} is damaged: it is {size} bytes long but HDF5 wrote "
             f"{head.end_of_file} (the file was truncated: a partial copy, a full disk or a "
             "lost write). Nothing was changed. Copy out the intact frames with "
-            f"'petft buffer recover {path.name} NEW.h5', or restore a backup.")
+            f"'petft buffer recover {path.name} -o NEW.h5', or restore a backup.")
 
 
 def _open_writer(path: pathlib.Path) -> h5py.File:
@@ -160,7 +160,7 @@ def reading(where: str):
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise LabelBufferError(
             f"{where} is damaged: HDF5 cannot read it ({type(exc).__name__}: {exc}). Nothing "
-            "was changed. Copy out the intact frames with 'petft buffer recover FILE "
+            "was changed. Copy out the intact frames with 'petft buffer recover FILE -o "
             "NEW.h5', or restore a backup.") from exc
 
 
