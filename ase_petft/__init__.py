@@ -38,6 +38,8 @@ _LAZY = {
     "FineTuneConfig": "config",
     "FineTuneResult": "config",
     "OnTheFlyLearner": "learner",
+    "Campaign": "learner",
+    "Walker": "learner",
     "every": "learner",
     "max_gap": "learner",
     "min_gap": "learner",

@@ -61,6 +61,8 @@ class FineTunableCalculator(Calculator):
         (``gen-0001``, ...); default: a new temporary directory per fine-tune.
     :param uncertainty: ``"posterior"`` (Bayesian last-layer posterior, the default) or
         ``"llpr"`` (metatrain's LLPR): how :meth:`get_energy_uncertainty` estimates σ.
+    :param generation: the generation number of ``checkpoint`` (a learner's walkers
+        start from the generation the campaign runs); default 0.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -77,13 +79,16 @@ class FineTunableCalculator(Calculator):
         dtype: Any = None,
         workdir: Optional[os.PathLike | str] = None,
         uncertainty: str = "posterior",
+        generation: int = 0,
     ) -> None:
         super().__init__()
         self._variant = validate_variant(variant)
         self._inherit_from = None if inherit_from is None else validate_variant(inherit_from)
         self._checkpoint_path = pathlib.Path(checkpoint).resolve()
         self._workdir = None if workdir is None else pathlib.Path(workdir)
-        self._generation = 0
+        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+            raise ConfigError(f"generation must be a non-negative integer, got {generation!r}")
+        self._generation = generation
         self._lock = threading.RLock()
         self._device_name = resolve_device(device)
 
@@ -313,6 +318,17 @@ class FineTunableCalculator(Calculator):
         """Fit the energy uncertainty on labelled ``frames`` of this variant,
         calibrated on held-out ``calibration`` labels (see :mod:`ase_petft.uncertainty`)."""
         self._uncertainty.fit(frames, calibration)
+
+    def uncertainty_state(self) -> Optional[dict]:
+        """The fitted posterior uncertainty as plain arrays (None before a fit or for
+        LLPR): :meth:`load_uncertainty_state` gives it to a calculator elsewhere."""
+        return self._uncertainty.export_state()
+
+    def load_uncertainty_state(self, state: dict) -> None:
+        """Use the posterior uncertainty another calculator with the same weights
+        fitted (:meth:`uncertainty_state`); it answers while this calculator runs the
+        generation it was fitted for."""
+        self._uncertainty.load_state(state)
 
     def get_energy_uncertainty(self, atoms=None) -> float:
         """Calibrated σ of the energy per atom (eV/atom) of ``atoms`` (default: the

@@ -51,10 +51,38 @@ class EnergyUncertainty:
         self._train = None
         self._calibration = None
         self._generation: Optional[int] = None
+        self._loaded = False  # a posterior fitted elsewhere (another process), not here
 
     @property
     def fitted(self) -> bool:
+        if self._loaded:  # it can only answer for the weights it was fitted on
+            return self._generation == self._calc.generation
         return self._train is not None
+
+    def export_state(self) -> Optional[dict]:
+        """The fitted posterior as plain arrays (``inverse``, ``scale2``,
+        ``generation``), for a calculator with the same weights elsewhere; None for LLPR
+        or before a fit."""
+        with self._lock:
+            if self.method != "posterior" or self._posterior is None:
+                return None
+            inverse, scale2 = self._posterior
+            return {"inverse": inverse, "scale2": scale2, "generation": self._generation}
+
+    def load_state(self, state: dict) -> None:
+        """Use a posterior fitted on another calculator with the same weights (see
+        :meth:`export_state`): σ costs one forward and backward pass, no labels needed.
+        It answers while the calculator runs that generation."""
+        if self.method != "posterior":
+            raise ConfigError("only the posterior uncertainty can be loaded; this "
+                              f"calculator uses {self.method!r}")
+        with self._lock:
+            generation = int(state["generation"])
+            if generation != self._generation:
+                self._features, self._energies = {}, {}
+            self._posterior = (np.asarray(state["inverse"], dtype=float),
+                               float(state["scale2"]))
+            self._generation, self._loaded = generation, True
 
     def fit(self, frames: Sequence, calibration: Optional[Sequence] = None) -> None:
         """Fit on labelled ``frames`` of the calculator's variant; calibrate on
@@ -68,6 +96,7 @@ class EnergyUncertainty:
             calibration = frames
         self._train = train
         self._calibration = labels_from_frames(calibration)
+        self._loaded = False
         self._refit()
 
     def _refit(self) -> None:
@@ -99,6 +128,11 @@ class EnergyUncertainty:
         calc = self._calc
         with self._lock:
             if self._generation != calc.generation:
+                if self._loaded:
+                    raise ConfigError(
+                        f"the loaded uncertainty belongs to generation {self._generation}; "
+                        f"the calculator runs generation {calc.generation}: load the "
+                        "posterior of this generation")
                 self._refit()
             if self.method == "posterior":
                 return self._posterior_sigma(atoms_list)

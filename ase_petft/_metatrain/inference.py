@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import pathlib
+import threading
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -16,6 +17,10 @@ from ._state import pet_class, preserved_logger_class
 from .training import default_pet_hypers
 
 logger = logging.getLogger(__name__)
+
+# TorchScript's compiler is not thread-safe: two calculators built at once in threads
+# of one process (a campaign's walkers) failed with "Can't redefine method: forward"
+_SCRIPT_LOCK = threading.Lock()
 
 
 def prepare_for_inference(model, *, dtype: torch.dtype, device: torch.device,
@@ -29,7 +34,7 @@ def prepare_for_inference(model, *, dtype: torch.dtype, device: torch.device,
     :func:`swap_weights` reports that those changed.
     """
     model.to(device=device, dtype=dtype)
-    with preserved_logger_class():
+    with _SCRIPT_LOCK, preserved_logger_class():
         exported = model.export()
         return torch.jit.script(exported) if script else exported
 

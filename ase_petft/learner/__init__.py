@@ -8,12 +8,17 @@ module         what it holds
                ``uncertainty_above``), combined with ``|`` and ``&``
 ``gate``       the refit job and the validation gate that accepts or rejects it
 ``workdir``    the work-directory format (generations, decisions, history)
+``campaign``   :class:`Campaign`: many walkers, one learner (threads or dask)
+``walker``     :class:`Walker` and the loop each walker runs
+``channels``   how the coordinator and its walkers talk (local or dask)
 =============  ==================================================================
 """
 
+from .campaign import Campaign, CampaignResult
 from .onthefly import OnTheFlyLearner
+from .walker import Walker
 from .selection import (Policy, StepContext, always, every, max_gap, min_gap, never,
                         uncertainty_above)
 
-__all__ = ["OnTheFlyLearner", "Policy", "StepContext", "every", "max_gap", "min_gap",
+__all__ = ["OnTheFlyLearner", "Campaign", "CampaignResult", "Walker", "Policy", "StepContext", "every", "max_gap", "min_gap",
            "uncertainty_above", "always", "never"]

@@ -142,6 +142,7 @@ class OnTheFlyLearner:
         self._future: Optional[concurrent.futures.Future] = None
         self._step, self._calls, self._since_label = 0, 0, 0
         self._dynamics = dynamics
+        self._probe_override = None
         self.history: List[Dict[str, Any]] = []
         self.reference_calls = 0
         self._step_offset = 0
@@ -292,38 +293,77 @@ class OnTheFlyLearner:
     def _label(self, atoms, ctx: StepContext) -> None:
         from ..labelling import label
 
-        key = support.structure_key(atoms)
         self._since_label = 0
-        if key in self._known:
+        if self.knows(atoms):
             self._event("label_reused", uncertainty=support.maybe(ctx))
             return
         start = time.perf_counter()
         self.reference_calls += 1
         try:
-            labelled = label(atoms, self.reference, properties=self._properties(atoms),
+            labelled = label(atoms, self.reference, properties=self.properties_for(atoms),
                              timeout=self.reference_timeout)
         except LabellingError as exc:
-            self.buffer.record_failure(exc.atoms if exc.atoms is not None else atoms,
-                                       error=exc, variant=self.variant, step=self._step)
+            self.record_failure(atoms, exc, step=self._step)
             self.watchdog.failures_in_a_row += 1
-            self._event("label_failed", error=str(exc)[:300])
-            logger.warning("reference failed at step %d (recorded): %s", self._step, exc)
             return
         self.watchdog.failures_in_a_row = 0
-        holdout = self._next_is_holdout()
         predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
-        index = self.buffer.append(labelled, variant=self.variant, step=self._step,
-                                   generation=self.calc.generation, holdout=holdout,
-                                   predicted_energy=predicted, uncertainty=support.maybe(ctx))
+        self.record_label(labelled, step=self._step, generation=self.calc.generation,
+                          predicted_energy=predicted, uncertainty=support.maybe(ctx),
+                          wall_time_s=time.perf_counter() - start)
+
+    # ----------------------------------------------- labels computed elsewhere (Campaign)
+    def knows(self, atoms) -> bool:
+        """Whether this exact structure is labelled already (never label it twice)."""
+        return support.structure_key(atoms) in self._known
+
+    @property
+    def n_labels(self) -> int:
+        """Labels of this variant (the buffer's, and those added since)."""
+        return self._n_labels
+
+    def record_label(self, labelled, *, step: int, generation: int,
+                     predicted_energy: Optional[float] = None,
+                     uncertainty: Optional[float] = None,
+                     wall_time_s: Optional[float] = None, **metadata) -> None:
+        """Append a reference label to the buffer (held out or not, as the hold-out
+        fraction asks) and to the labels the next refit trains on. ``metadata`` (e.g.
+        ``walker=``) goes to the buffer and to the history event."""
+        holdout = self._next_is_holdout()
+        index = self.buffer.append(labelled, variant=self.variant, step=step,
+                                   generation=generation, holdout=holdout,
+                                   predicted_energy=predicted_energy,
+                                   uncertainty=uncertainty, **metadata)
         self._labels.append(self.buffer[index])  # one frame back, as every reader sees it
-        self._known.add(key)
+        self._known.add(support.structure_key(labelled))
         self._n_labels += 1
         self._n_holdout += int(holdout)
-        self._event("label", holdout=holdout, uncertainty=support.maybe(ctx),
-                    wall_time_s=time.perf_counter() - start)
+        self._event("label", holdout=holdout, uncertainty=uncertainty,
+                    wall_time_s=wall_time_s, step=step, **metadata)
         self._refit_uncertainty()
 
-    def _properties(self, atoms) -> tuple:
+    def record_failure(self, atoms, error: LabellingError, *, step: int, **metadata) -> None:
+        """Record a failed reference call (buffer and history); the run goes on."""
+        self.buffer.record_failure(error.atoms if error.atoms is not None else atoms,
+                                   error=error, variant=self.variant, step=step, **metadata)
+        self._event("label_failed", error=str(error)[:300], step=step, **metadata)
+        logger.warning("reference failed at step %d (recorded): %s", step, error)
+
+    def poll(self, *, probe_atoms=None) -> None:
+        """Apply a finished refit and start the next one when it is due (what a step
+        of the observer does besides labelling). ``probe_atoms``: the structure (with
+        momenta) a refit's stability probe starts from."""
+        self._collect_refit()
+        if probe_atoms is not None:
+            self._probe_override = probe_atoms
+        self._maybe_refit()
+
+    def event(self, event: str, **fields) -> None:
+        """Add a row to the history (``history.jsonl``)."""
+        self._event(event, **fields)
+
+    def properties_for(self, atoms) -> tuple:
+        """What the reference computes for ``atoms`` (no stress without a cell)."""
         if atoms.pbc.all():
             return self.properties
         return tuple(p for p in self.properties if p != "stress")
@@ -417,7 +457,7 @@ class OnTheFlyLearner:
         return out
 
     def _probe_atoms(self):
-        live = self._live_atoms()
+        live = self._probe_override if self._probe_override is not None else self._live_atoms()
         if live is None:
             live = self.calc.atoms
         if live is None or not live.has("momenta"):

@@ -8,6 +8,9 @@
         decision.json               accepted?, held-out errors of old and new model
     workdir/current.json            the generation the calculator runs (after a swap)
     workdir/history.jsonl           the learner's event log, one JSON object per line
+    workdir/walkers/NAME.json       a campaign walker's last snapshot (structure, step)
+    workdir/uncertainty/gen-NNNN.npz  the posterior uncertainty a campaign fitted for
+                                    generation NNNN (its walkers load it)
 
 Generation numbers count refits; a rejected refit keeps its folder and its number is
 never given to a running model.
@@ -25,7 +28,7 @@ from ..finetune.generation import (CHECKPOINT_NAME, json_default, read_json, rem
 
 __all__ = ["DECISION", "CURRENT", "HISTORY", "gen_dir", "checkpoint_of", "decisions",
            "last_number", "append_history", "read_history", "read_json", "write_json",
-           "clean"]
+           "clean", "walker_state_path", "uncertainty_path"]
 
 DECISION = "decision.json"
 CURRENT = "current.json"
@@ -38,6 +41,14 @@ def gen_dir(workdir: pathlib.Path, generation: int) -> pathlib.Path:
 
 def checkpoint_of(workdir: pathlib.Path, generation: int) -> pathlib.Path:
     return gen_dir(workdir, generation) / CHECKPOINT_NAME
+
+
+def walker_state_path(workdir: pathlib.Path, name: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / "walkers" / f"{name}.json"
+
+
+def uncertainty_path(workdir: pathlib.Path, generation: int) -> pathlib.Path:
+    return pathlib.Path(workdir) / "uncertainty" / f"gen-{generation:04d}.npz"
 
 
 def decisions(workdir: pathlib.Path) -> List[Dict[str, Any]]:

@@ -1,0 +1,382 @@
+"""Many walkers, one learner: parallel simulations that share labels and generations.
+
+::
+
+    campaign = Campaign(checkpoint, variant="energy/gfn2", reference=xtb, buffer=buffer,
+                        workdir="run1", select=uncertainty_above(0.01) | max_gap(100),
+                        refit_every=10, max_labels=200)
+    result = campaign.run([
+        Walker(name=f"T{t}", atoms=start, steps=5000,
+               dynamics=functools.partial(Langevin, timestep=0.5 * units.fs,
+                                          temperature_K=t, friction=0.02))
+        for t in (300, 400, 500, 600)])          # client=dask_client: on a cluster
+
+The coordinator (this process) owns the buffer (the only writer), the label budget,
+the refits and the validation gate: it is an :class:`~ase_petft.OnTheFlyLearner` on a
+calculator of its own, fed with labels computed elsewhere. Each walker runs its own
+calculator and dynamics (:mod:`.walker`), in a thread here or as a task on a dask
+worker, and posts label requests without waiting for them. The coordinator
+
+- labels each requested structure once across all walkers (a structure already
+  labelled, or being labelled, is never sent again), on ``label_executor`` (threads
+  here; the dask client's workers with ``client=``), and appends the labels as they
+  complete, each with the walker that asked (``walker`` in the buffer);
+- refits every ``refit_every`` labels (in a thread of this process, or on
+  ``refit_executor``, e.g. ``client.get_executor(resources={"GPU": 1})``), judges the
+  candidate with the gate, and publishes accepted generations: every walker swaps them
+  in between two of its steps; a rejected one reaches none;
+- keeps each walker's last snapshot (``workdir/walkers/NAME.json``, every
+  ``snapshot_every`` steps of that walker).
+
+Restart: running the same script again resumes every walker from its last snapshot
+(its start structure if it never sent one), keeps every label, and the calculator
+starts from the last accepted generation; no labelled structure is sent to the
+reference again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, LabellingError
+from . import workdir as wd
+from ._support import DaemonExecutor, structure_key
+from .channels import DaskChannel, LocalChannel, decode_atoms
+from .onthefly import OnTheFlyLearner
+from .selection import Policy, every
+from .walker import Walker, run_walker
+from .watchdog import WatchdogConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Campaign", "CampaignResult", "Walker"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CampaignResult:
+    """What a campaign run did.
+
+    :ivar walkers: per walker: ``steps`` (last step), ``generation`` (at the end),
+        ``swaps`` (``[step, generation]`` pairs: the steps after ``step`` ran with
+        ``generation``; the first pair is where the walker started), ``label_requests``,
+        ``unphysical``, ``stopped``, ``error`` (None unless the walker failed).
+    :ivar generation: the coordinator's generation at the end.
+    :ivar reference_calls: reference calls made by this run (resumed runs count anew).
+    :ivar labels: labels of the variant in the buffer.
+    :ivar failed_labels: reference calls of this run that failed.
+    """
+
+    walkers: Dict[str, Dict[str, Any]]
+    generation: int
+    reference_calls: int
+    labels: int
+    failed_labels: int
+    wall_time_s: float
+
+    @property
+    def generation_per_walker(self) -> Dict[str, int]:
+        return {name: w.get("generation") for name, w in self.walkers.items()}
+
+
+def label_job(atoms, reference, properties, timeout):
+    """One reference call (a plain function: it runs on any executor)."""
+    from ..labelling import label
+
+    return label(atoms, reference, properties=properties, timeout=timeout)
+
+
+class Campaign:
+    """Coordinator of several walkers that share one buffer, one learner and one model.
+
+    :param checkpoint: the PET checkpoint the walkers start from.
+    :param variant: the energy variant to predict and refit (created from
+        ``inherit_from`` if the checkpoint lacks it).
+    :param reference: ASE calculator of the labels (pickled to executors' workers).
+    :param buffer: a writable :class:`~ase_petft.LabelBuffer` (this process is its only
+        writer).
+    :param workdir: the campaign's work directory (generations, history, walker
+        snapshots, uncertainties). With dask workers on other machines it must be on a
+        filesystem they share.
+    :param select: the walkers' selection policy (a :class:`Walker` may have its own).
+        Per-walker policies (``every``, ``max_gap``, ``min_gap``) count that walker's
+        steps; ``max_labels`` is global.
+    :param refit_every, config, holdout_fraction, max_labels, tolerance, properties,
+        gate, reference_timeout: as for :class:`~ase_petft.OnTheFlyLearner`.
+    :param watchdog: the walkers' :class:`WatchdogConfig` (a walker may have its own).
+    :param label_executor: a ``concurrent.futures.Executor`` for reference calls
+        (default: one thread per walker here, or the client's workers).
+    :param refit_executor: where refits run (default: a thread of this process).
+    :param inherit_from, device, dtype: the calculators' settings (every walker's
+        calculator uses ``device`` too: on dask, a device of its worker).
+    :param refit_threads: torch threads of a background refit in this process.
+    """
+
+    def __init__(self, checkpoint, *, variant: str = "energy", reference, buffer, workdir,
+                 select: Optional[Policy] = None, refit_every: int = 10, config=None,
+                 holdout_fraction: float = 0.2, max_labels: Optional[int] = None,
+                 tolerance: float = 0.0, properties=("energy", "forces"), gate=None,
+                 watchdog: Optional[WatchdogConfig] = None,
+                 reference_timeout: Optional[float] = None, label_executor=None,
+                 refit_executor=None, inherit_from: Optional[str] = "energy",
+                 device: Optional[str] = None, dtype: Any = None,
+                 refit_threads: Optional[int] = 1) -> None:
+        from ..calculator import FineTunableCalculator
+
+        if workdir is None:
+            raise ConfigError("a campaign needs a workdir (its walkers read generations and "
+                              "save their state there, and a restart resumes from it)")
+        if watchdog is not None and not isinstance(watchdog, WatchdogConfig):
+            raise ConfigError(f"watchdog must be a WatchdogConfig, got {type(watchdog).__name__}")
+        self.select = select if select is not None else every(10)
+        if not isinstance(self.select, Policy):
+            raise ConfigError(f"select must be a selection policy such as every(10), got {select!r}")
+        self.watchdog = watchdog or WatchdogConfig()
+        self.calc = FineTunableCalculator(checkpoint, variant=variant,
+                                          inherit_from=inherit_from, device=device,
+                                          dtype=dtype)
+        self._calc_options = {"variant": self.calc.variant, "device": device,
+                              "dtype": dtype}
+        self.learner = OnTheFlyLearner(
+            self.calc, reference, buffer, select=never_select(), refit_every=refit_every,
+            config=config, background=True, holdout_fraction=holdout_fraction,
+            max_labels=max_labels, workdir=workdir, executor=refit_executor,
+            tolerance=tolerance, properties=tuple(properties), refit_threads=refit_threads,
+            gate=gate, reference_timeout=reference_timeout)
+        self.workdir = self.learner.workdir
+        self.reference, self.max_labels = reference, max_labels
+        self._label_executor = label_executor
+        self._pending: Dict[str, tuple] = {}  # structure key -> (request, future)
+        self._answered: Dict[str, int] = {}
+        self._failures: Dict[str, int] = {}
+        self._latest: Dict[str, Any] = {}  # walker -> atoms of its last snapshot
+        self._uncertainty_version = 0
+        self._published: Optional[tuple] = None
+        self.reference_calls = 0
+        self.failed_labels = 0
+
+    @property
+    def variant(self) -> str:
+        return self.calc.variant
+
+    # ------------------------------------------------------------------ run
+    def run(self, walkers: Sequence[Walker], *, client=None, stop_when_budget_spent: bool = False,
+            timeout_s: Optional[float] = None) -> CampaignResult:
+        """Run every walker to its last step; return when all are done.
+
+        :param client: a ``dask.distributed.Client``: walkers run as tasks on its
+            workers, reference calls too (unless ``label_executor`` was given).
+        :param stop_when_budget_spent: stop the walkers once ``max_labels`` labels are
+            in and the last refit is judged (for campaigns whose goal is the model).
+        :param timeout_s: stop the walkers after this many seconds.
+        """
+        walkers = _check_walkers(walkers)
+        start = time.perf_counter()
+        channel = DaskChannel() if client is not None else LocalChannel()
+        own_labels = None
+        if self._label_executor is None:
+            own_labels = (client.get_executor(pure=False) if client is not None else
+                          concurrent.futures.ThreadPoolExecutor(
+                              max_workers=len(walkers), thread_name_prefix="petft-label"))
+        labels = self._label_executor or own_labels
+        self._publish(channel, force=True)
+        futures = {w.name: self._launch(w, channel, client) for w in walkers}
+        summaries: Dict[str, Dict[str, Any]] = {}
+        stopping = False
+        try:
+            while len(summaries) < len(futures):
+                for message in channel.receive(timeout=0.05):
+                    self._handle(message, labels)
+                self._collect_labels()
+                self.learner.poll(probe_atoms=self._probe_atoms())
+                self._collect_walkers(futures, summaries)
+                due = (stop_when_budget_spent and self._budget_spent() and not self._pending
+                       and not self.learner.refit_in_progress)
+                if timeout_s is not None and time.perf_counter() - start > timeout_s:
+                    due = True
+                if due and not stopping:
+                    stopping = True
+                    self.learner.event("stop_walkers", reason="budget spent" if
+                                       self._budget_spent() else "timeout")
+                self._publish(channel, stop=stopping)
+            for message in channel.receive(timeout=0.0):
+                self._handle(message, labels, accept_requests=False)
+            self._drain_labels()
+            self.learner.wait()
+            self._publish(channel, stop=True)
+        finally:
+            if isinstance(own_labels, concurrent.futures.ThreadPoolExecutor):
+                own_labels.shutdown(wait=False, cancel_futures=True)
+            channel.close()
+        return CampaignResult(walkers=summaries, generation=self.calc.generation,
+                              reference_calls=self.reference_calls,
+                              labels=self.learner.n_labels, failed_labels=self.failed_labels,
+                              wall_time_s=time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Finish a refit in flight and release the work directory."""
+        self.learner.close()
+
+    def __enter__(self) -> "Campaign":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.learner.close(abandon=exc_type is not None)
+
+    # ------------------------------------------------------------------ walkers
+    def _launch(self, walker: Walker, channel, client):
+        saved = wd.read_json(wd.walker_state_path(self.workdir, walker.name)) or {}
+        generation = self.calc.generation
+        start = {"workdir": str(self.workdir), "checkpoint": str(wd.checkpoint_of(
+                     self.workdir, generation)), "generation": generation,
+                 "calculator": self._calc_options, "select": self.select,
+                 "watchdog": self.watchdog, "step": saved.get("step", 0),
+                 "steps_since_label": saved.get("steps_since_label", 0),
+                 "atoms": saved.get("atoms")}
+        self.learner.event("walker_launch", walker=walker.name, from_step=start["step"],
+                           resumed=bool(saved))
+        if client is not None:
+            return client.submit(run_walker, walker, channel, start, pure=False,
+                                 key=f"petft-walker-{walker.name}-{channel.name[-12:]}")
+        return DaemonExecutor().submit(run_walker, walker, channel, start)
+
+    def _collect_walkers(self, futures, summaries) -> None:
+        for name, future in futures.items():
+            if name in summaries or not future.done():
+                continue
+            try:
+                summaries[name] = dict(future.result(), error=None)
+            except Exception as exc:
+                summaries[name] = {"walker": name, "error": f"{type(exc).__name__}: {exc}"}
+                logger.warning("walker %s failed: %s", name, exc)
+
+    def _probe_atoms(self):
+        """The newest walker snapshot with momenta: where a stability probe starts."""
+        return next((a for a in reversed(list(self._latest.values())) if a.has("momenta")),
+                    None)
+
+    # ------------------------------------------------------------------ messages
+    def _handle(self, message: Dict[str, Any], labels, accept_requests: bool = True) -> None:
+        kind, name = message.get("type"), message.get("walker")
+        if kind == "snapshot":
+            wd.walker_state_path(self.workdir, name).parent.mkdir(exist_ok=True)
+            wd.write_json(wd.walker_state_path(self.workdir, name), message)
+            self._latest.pop(name, None)
+            self._latest[name] = decode_atoms(message["atoms"])
+        elif kind == "event":
+            fields = {k: v for k, v in message.items() if k not in ("type", "event")}
+            if message["event"] == "restored":
+                self._failures[name] = 0
+            self.learner.event(message["event"], **fields)
+        elif kind == "label":
+            if accept_requests:
+                self._request(message, labels)
+            else:
+                self._answer(name)
+
+    def _request(self, message: Dict[str, Any], labels) -> None:
+        name = message["walker"]
+        atoms = decode_atoms({**message["atoms"], "momenta": None})
+        key = structure_key(atoms)
+        if self.learner.knows(atoms) or key in self._pending:
+            self._answer(name)
+            self.learner.event("label_reused", walker=name, step=message["step"])
+            return
+        if self._budget_spent():
+            self._answer(name)
+            return
+        self.reference_calls += 1
+        future = labels.submit(label_job, atoms, self.reference,
+                               self.learner.properties_for(atoms),
+                               self.learner.reference_timeout)
+        self._pending[key] = (message, atoms, future, time.perf_counter())
+
+    def _answer(self, name: str) -> None:
+        self._answered[name] = self._answered.get(name, 0) + 1
+
+    def _collect_labels(self) -> None:
+        for key in [k for k, entry in self._pending.items() if entry[2].done()]:
+            message, atoms, future, t0 = self._pending.pop(key)
+            self._record(message, atoms, future, time.perf_counter() - t0)
+
+    def _drain_labels(self) -> None:
+        for key in list(self._pending):
+            message, atoms, future, t0 = self._pending.pop(key)
+            self._record(message, atoms, future, time.perf_counter() - t0)
+
+    def _record(self, message, atoms, future, wall_time_s: float) -> None:
+        name = message["walker"]
+        self._answer(name)
+        try:
+            labelled = future.result()
+        except Exception as exc:
+            error = exc if isinstance(exc, LabellingError) else LabellingError(
+                f"the reference call failed on the executor: {type(exc).__name__}: {exc}",
+                atoms=atoms)
+            self.failed_labels += 1
+            self._failures[name] = self._failures.get(name, 0) + 1
+            self.learner.record_failure(atoms, error, step=message["step"], walker=name)
+            return
+        self._failures[name] = 0
+        self.learner.record_label(labelled, step=message["step"],
+                                  generation=message["generation"],
+                                  predicted_energy=message.get("predicted_energy"),
+                                  uncertainty=message.get("uncertainty"),
+                                  wall_time_s=wall_time_s, walker=name)
+        self._save_uncertainty()
+
+    # ------------------------------------------------------------------ state
+    def _budget_spent(self) -> bool:
+        return (self.max_labels is not None
+                and self.learner.n_labels + len(self._pending) >= self.max_labels)
+
+    def _save_uncertainty(self) -> None:
+        state = self.calc.uncertainty_state()
+        if state is None:
+            return
+        path = wd.uncertainty_path(self.workdir, int(state["generation"]))
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, inverse=state["inverse"], scale2=state["scale2"],
+                 generation=state["generation"])
+        tmp.replace(path)
+        self._uncertainty_version += 1
+
+    def _publish(self, channel, *, stop: bool = False, force: bool = False) -> None:
+        generation = self.calc.generation
+        if generation != (self._published or (None,))[0]:
+            self._save_uncertainty()  # the learner refitted it for the new weights
+        state = {"generation": generation,
+                 "checkpoint": str(wd.checkpoint_of(self.workdir, generation)),
+                 "uncertainty_version": self._uncertainty_version,
+                 "n_labels": self.learner.n_labels, "budget_left": not self._budget_spent(),
+                 "answered": dict(self._answered), "failures": dict(self._failures),
+                 "stop": bool(stop)}
+        signature = (generation, repr(sorted(state.items())))
+        if force or signature != self._published:
+            channel.publish(state)
+            self._published = signature
+
+
+def never_select() -> Policy:
+    """The coordinator's own learner never selects (its walkers do)."""
+    from .selection import never
+
+    return never()
+
+
+def _check_walkers(walkers) -> List[Walker]:
+    walkers = list(walkers)
+    if not walkers or not all(isinstance(w, Walker) for w in walkers):
+        raise ConfigError("run() takes a non-empty list of Walker(name=..., atoms=..., "
+                          "steps=..., dynamics=...)")
+    names = [w.name for w in walkers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"walker names must be unique, got {names}")
+    return walkers
