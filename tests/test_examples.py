@@ -91,6 +91,28 @@ def test_active_learning_with_budget_and_report(tmp_path, system_args):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 
+def test_many_walkers_and_their_report(tmp_path, system_args):
+    out = run_example("many_walkers.py", "--quick", "--workdir", tmp_path / "run",
+                      *system_args, cwd=tmp_path)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["walkers"] == 2 and set(summary["generation_per_walker"]) == {"T300", "T400"}
+    assert summary["reference_calls"] == summary["labels"] == 8  # the quick budget, no repeat
+    assert summary["wall_time_s"] > 0
+    from ase_petft import LabelBuffer
+
+    with LabelBuffer(tmp_path / "run" / "labels.h5", mode="r") as buffer:
+        asked = [a.info["walker"] for a in buffer]
+    report = subprocess.run([sys.executable, "-m", "ase_petft.cli", "report",
+                             str(tmp_path / "run" / "campaign"), "-o", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (tmp_path / "report" / "summary.txt").read_text()
+    for name in ("T300", "T400"):  # the walker table: labels each walker asked for
+        line = next(line for line in text.splitlines() if line.startswith(name))
+        assert int(line.split()[1]) == asked.count(name)
+    assert (tmp_path / "report" / "walkers.png").stat().st_size > 0
+
+
 def test_heads_vs_full(tmp_path, system_args):
     out = run_example("heads_vs_full.py", "--quick", "--workdir", tmp_path / "run",
                       *system_args, cwd=tmp_path)

@@ -15,7 +15,9 @@ the figures) and returns the same data as a :class:`LearnerReport`::
 Figures: ``errors.png`` (held-out force/energy error of the running model and of
 each refit, accepted or not), ``trajectory.png`` (uncertainty at labelled steps,
 reference calls and swaps along the run), ``refit_times.png`` and, with the buffer,
-``parity.png`` (predicted vs reference forces on held-out labels). Needs matplotlib
+``parity.png`` (predicted vs reference forces on held-out labels); for a
+:class:`~ase_petft.Campaign`'s workdir also ``walkers.png`` (each walker's labels,
+failed calls and swaps against wall time) and a walker table. Needs matplotlib
 (``pip install 'ase-petft[plots]'``); nothing global is changed (no pyplot, no
 backend switch).
 """
@@ -38,7 +40,7 @@ from ..learner.gate import evaluate_generation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LearnerReport", "generation_table", "label_table", "parity_data",
+__all__ = ["LearnerReport", "generation_table", "label_table", "walker_table", "parity_data",
            "load_run", "write_report"]
 
 SUMMARY_NAME = "summary.txt"
@@ -52,6 +54,7 @@ class LearnerReport:
     :ivar generations: one dict per finished refit (see :func:`generation_table`).
     :ivar labels: one dict per reference call (see :func:`label_table`).
     :ivar swaps: history rows of the swaps (``step``, ``generation``, ...).
+    :ivar walkers: one dict per walker of a campaign (see :func:`walker_table`).
     :ivar parity: ``{generation: {"reference", "predicted" (N x 3 arrays, eV/Å),
         "forces_mae_meV_per_A", "energy_mae_meV_per_atom", "n_frames"}}``.
     :ivar summary: the text of ``summary.txt``.
@@ -64,6 +67,7 @@ class LearnerReport:
     labels: List[Dict[str, Any]]
     swaps: List[Dict[str, Any]]
     parity: Dict[int, Dict[str, Any]]
+    walkers: List[Dict[str, Any]]
     summary: str
     files: Dict[str, pathlib.Path]
 
@@ -91,10 +95,15 @@ def load_run(workdir) -> Dict[str, Any]:
 
 def continuous_steps(history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """History rows whose steps never go back: runs written before restarts continued
-    the step count started again at 0; their steps are shifted past the earlier ones."""
+    the step count started again at 0; their steps are shifted past the earlier ones.
+    Rows of a campaign's walkers keep their steps (each walker counts its own, and
+    continues it when the campaign resumes)."""
     out, offset, last = [], 0, 0
     for row in history:
         step = row.get("step")
+        if row.get("walker") is not None:  # a campaign walker's own steps: they continue
+            out.append(row)
+            continue
         if isinstance(step, (int, float)):
             if step + offset < last:
                 offset = last
@@ -159,9 +168,41 @@ def label_table(run: Dict[str, Any]) -> List[Dict[str, Any]]:
             "step": row.get("step"), "ok": row["event"] == "label",
             "holdout": bool(row.get("holdout")), "generation": row.get("generation"),
             "uncertainty_meV_per_atom": None if sigma is None else 1e3 * float(sigma),
-            "wall_time_s": row.get("wall_time_s"),
+            "wall_time_s": row.get("wall_time_s"), "walker": row.get("walker"),
+            "time": row.get("time"),
         })
     return rows
+
+
+def walker_table(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per walker of a :class:`~ase_petft.Campaign` (empty for a single
+    learner): its labels, failed and reused requests, swaps, last step and generation."""
+    rows: Dict[str, Dict[str, Any]] = {}
+
+    def row(name: str) -> Dict[str, Any]:
+        return rows.setdefault(name, {"walker": name, "labels": 0, "failed": 0, "reused": 0,
+                                      "swaps": 0, "unphysical": 0, "last_step": None,
+                                      "generation": None, "resumed": 0, "error": None})
+
+    counted = {"label": "labels", "label_failed": "failed", "label_reused": "reused",
+               "walker_swap": "swaps", "unphysical": "unphysical"}
+    for event in run["history"]:
+        name = event.get("walker")
+        if name is None:
+            continue
+        r = row(name)
+        kind = event.get("event")
+        if kind in counted:
+            r[counted[kind]] += 1
+        if kind == "walker_launch" and event.get("resumed"):
+            r["resumed"] += 1
+        if kind == "walker_failed":
+            r["error"] = event.get("error")
+        if kind in ("walker_swap", "walker_done", "walker_start", "restored"):
+            r["generation"] = event.get("to_generation", event.get("generation"))
+        if isinstance(event.get("step"), (int, float)) and kind != "label":
+            r["last_step"] = max(r["last_step"] or 0, event["step"])
+    return list(rows.values())
 
 
 def _variant_of(run: Dict[str, Any], generations: List[Dict[str, Any]]) -> Optional[str]:
@@ -222,6 +263,21 @@ def _fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _walker_lines(walkers: List[Dict[str, Any]]) -> List[str]:
+    if not walkers:
+        return []
+    lines = ["", f"{'walker':<16} {'labels':>6} {'failed':>6} {'reused':>6} {'swaps':>5} "
+                 f"{'gen':>4} {'step':>7}  notes"]
+    for w in walkers:
+        notes = [f"{w['unphysical']} unphysical" if w["unphysical"] else "",
+                 f"resumed {w['resumed']}x" if w["resumed"] else "",
+                 f"failed: {w['error']}" if w["error"] else ""]
+        lines.append(f"{w['walker']:<16} {w['labels']:>6} {w['failed']:>6} {w['reused']:>6} "
+                     f"{w['swaps']:>5} {_fmt(w['generation'], 'd'):>4} "
+                     f"{_fmt(w['last_step'], 'd'):>7}  {', '.join(n for n in notes if n)}")
+    return lines
+
+
 def summary_text(run: Dict[str, Any], generations, labels, parity, variant) -> str:
     history = run["history"]
     swaps = _events(history, "swap")
@@ -251,6 +307,7 @@ def summary_text(run: Dict[str, Any], generations, labels, parity, variant) -> s
                 f"{_fmt(r['old_energy_mae_meV_per_atom']):>8} "
                 f"{_fmt(r['new_energy_mae_meV_per_atom']):>8} "
                 f"{_fmt(r['fit_wall_time_s'], '.2f'):>6} {_fmt(r['step_started'], 'd'):>6}")
+    lines += _walker_lines(walker_table(run))
     if parity:
         n = next(iter(parity.values()))["n_frames"]
         lines += ["", f"held-out labels ({n} frames), evaluated now:"]
@@ -297,16 +354,20 @@ def write_report(workdir, output_dir, *, buffer=None, variant: Optional[str] = N
     }
     if parity:
         files["parity"] = plots.parity_figure(parity, variant, out / "parity.png", dpi=dpi)
+    walkers = walker_table(run)
+    if walkers:
+        files["walkers"] = plots.walkers_figure(run["history"], out / "walkers.png", dpi=dpi)
     summary = summary_text(run, generations, labels, parity, variant)
     files["summary"] = _write_text(out / SUMMARY_NAME, summary)
     files["data"] = _write_text(out / DATA_NAME, json.dumps(
         {"workdir": str(run["workdir"]), "variant": variant, "generations": generations,
-         "labels": labels, "swaps": swaps,
+         "labels": labels, "swaps": swaps, "walkers": walkers,
          "parity": {str(g): {k: v for k, v in d.items() if k not in ("reference", "predicted")}
                     for g, d in parity.items()}}, indent=2))
     logger.info("wrote the report of %s to %s", run["workdir"], out)
     return LearnerReport(workdir=run["workdir"], variant=variant, generations=generations,
-                         labels=labels, swaps=swaps, parity=parity, summary=summary,
+                         labels=labels, swaps=swaps, parity=parity, walkers=walkers,
+                         summary=summary,
                          files=files)
 
 

@@ -151,6 +151,43 @@ def _generation_marks(ax, swaps, rejected, height: int) -> None:
                     fontsize=7, color=color, va="top")
 
 
+# ---------------------------------------------------------------------- walkers
+def walkers_figure(history: List[Dict[str, Any]], path, *, dpi: int) -> pathlib.Path:
+    """A campaign's walkers against wall time: one row each, with the labels it asked
+    for (held out: open), its failed reference calls and the generations it swapped in."""
+    names = list(dict.fromkeys(r["walker"] for r in history if r.get("walker")))
+    t0 = min((r["time"] for r in history if "time" in r), default=0.0)
+    fig, axes = _figure(1, size=(7.0, 1.2 + 0.5 * len(names)))
+    ax = axes[0, 0]
+    marks = {"label": ("o", SWAP), "label_failed": ("x", REJECTED),
+             "walker_swap": ("|", ACCEPTED), "unphysical": ("*", REJECTED)}
+    shown = set()
+    for y, name in enumerate(names):
+        for r in history:
+            kind = r.get("event")
+            if r.get("walker") != name or kind not in marks:
+                continue
+            marker, color = marks[kind]
+            held = kind == "label" and r.get("holdout")
+            ax.plot(r["time"] - t0, y, marker, color=color, ms=9 if marker == "|" else 6,
+                    mfc="none" if held else color,
+                    label=kind.replace("_", " ") if kind not in shown else None)
+            shown.add(kind)
+            if kind == "walker_swap":
+                ax.annotate(f"{r.get('to_generation')}", (r["time"] - t0, y),
+                            xytext=(0, 7), textcoords="offset points", fontsize=7,
+                            color=color, ha="center")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel("wall time since the first event (s)")
+    ax.grid(alpha=0.3, axis="x")
+    if shown:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("Walkers: labels asked for, failed calls and swaps (generation above)")
+    return _save(fig, path, dpi)
+
+
 # ---------------------------------------------------------------------- refit times
 def refit_times_figure(generations: List[Dict[str, Any]], path, *, dpi: int) -> pathlib.Path:
     fig, axes = _figure(1, size=(7.0, 3.6))
