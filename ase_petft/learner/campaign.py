@@ -210,6 +210,12 @@ class Campaign:
             self._drain_labels()
             self.learner.wait()
             self._publish(channel, stop=True)
+        except BaseException:
+            try:  # walkers must not go on stepping without a coordinator
+                self._publish(channel, stop=True)
+            except Exception:  # the scheduler may be gone: walkers then fail on their own
+                logger.debug("could not tell the walkers to stop", exc_info=True)
+            raise
         finally:
             if isinstance(own_labels, concurrent.futures.ThreadPoolExecutor):
                 own_labels.shutdown(wait=False, cancel_futures=True)
