@@ -84,7 +84,7 @@ def test_two_walkers_in_threads_share_labels_and_generations(emt_checkpoint, tmp
     positions, calc = start.positions.copy(), start.calc
     recorders = {"T300": _StepRecorder(300), "T600": _StepRecorder(600)}
     # both start from the same structure: their first requests are the same structure
-    walkers = [Walker(name=name, atoms=start, steps=400, dynamics=rec)
+    walkers = [Walker(name=name, atoms=start, steps=100_000, dynamics=rec)
                for name, rec in recorders.items()]
     with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer, Campaign(
             emt_checkpoint, variant="energy/emt", reference=EMT(), buffer=buffer,
@@ -210,19 +210,28 @@ def test_coordinator_sigkill_then_restart_repeats_no_reference_call(emt_checkpoi
 
 def test_walkers_on_a_local_dask_cluster(emt_checkpoint, tmp_path):
     distributed = pytest.importorskip("distributed")
-    walkers = [_walker("a", emt_frames(1, seed=5)[0], 400, seed=1),
-               _walker("b", emt_frames(1, seed=6)[0], 400, temperature=500, seed=2)]
+    # walkers long enough to outlast the budget: stop_when_budget_spent ends them
+    walkers = [_walker("a", emt_frames(1, seed=5)[0], 100_000, seed=1),
+               _walker("b", emt_frames(1, seed=6)[0], 100_000, temperature=500, seed=2)]
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client, \
             LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer, \
             Campaign(emt_checkpoint, variant="energy/emt", reference=EMT(), buffer=buffer,
                      workdir=tmp_path / "campaign", select=every(5), refit_every=4,
-                     max_labels=10, watchdog=LENIENT, **ACCEPT) as campaign:
+                     max_labels=10, watchdog=LENIENT, refit_executor=client.get_executor(),
+                     **ACCEPT) as campaign:
         workers = set(client.scheduler_info()["workers"])
-        result = campaign.run(walkers, client=client, stop_when_budget_spent=True)
+        with distributed.get_task_stream(client) as tasks:
+            result = campaign.run(walkers, client=client, stop_when_budget_spent=True)
         frames = _check_labels(buffer, ["a", "b"])
     assert len(workers) == 2
+    ran = [task["key"] if isinstance(task["key"], str) else str(task["key"])
+           for task in tasks.data]
+    # walkers, reference calls and refits all ran on the workers
+    assert sum("petft-walker" in k for k in ran) == 2
+    assert sum(k.startswith("label_job") for k in ran) == 10
+    assert any(k.startswith("safe_refit") for k in ran)
     assert result.labels == len(frames) == 10 == result.reference_calls
     assert result.generation >= 1
     assert result.generation_per_walker == {"a": result.generation, "b": result.generation}
