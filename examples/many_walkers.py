@@ -12,6 +12,7 @@ code runs on a cluster with ``dask-jobqueue``'s client.
     python examples/many_walkers.py                  # 4 walkers, a few minutes on 2 cores
     python examples/many_walkers.py --quick          # a short run
     python examples/many_walkers.py --walkers 2 --dask
+    python examples/many_walkers.py --molecules CH3CONH2,HCOOCH3,C3H9N   # one per molecule
     python examples/many_walkers.py --system cuni --checkpoint cuni-emt.ckpt
 
 Run it again with the same ``--workdir`` to resume every walker where it stopped.
@@ -22,6 +23,7 @@ reference_calls, labels, wall_time_s, ...). Plots: ``petft report WORKDIR/campai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -44,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_arguments(parser)
     parser.add_argument("--walkers", type=int, default=4, help="walkers (one per temperature)")
+    parser.add_argument("--molecules", default=None,
+                        help="comma-separated ase.build.molecule names: one walker per "
+                             "molecule at the setup's temperature (instead of --walkers)")
     parser.add_argument("--steps", type=int, default=600, help="MD steps per walker")
     parser.add_argument("--every", type=int, default=20,
                         help="a walker asks for a label every n-th of its steps")
@@ -57,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = _common.parse(parser, argv, {"walkers": 2, "steps": 1000, "every": 8,
                                         "max_labels": 8, "refit_every": 4,
                                         "test_frames": 2})
+    if args.molecules and args.system != "molecule":
+        parser.error("--molecules needs --system molecule")
     if args.walkers < 1 or args.steps < 1 or args.every < 1 or args.max_labels < 1:
         parser.error("--walkers, --steps, --every and --max-labels must be positive")
     return args
@@ -67,13 +74,23 @@ def temperatures(setup, n: int) -> list:
     return [setup.temperature_K * (0.75 + 0.25 * i) for i in range(n)]
 
 
+def starts(setup, args) -> list:
+    """(walker name, structure factory, temperature) of every walker."""
+    if args.molecules:
+        from ase.build import molecule
+
+        return [(name, functools.partial(molecule, name), setup.temperature_K)
+                for name in args.molecules.split(",")]
+    return [(f"T{t:.0f}", setup.start, t) for t in temperatures(setup, args.walkers)]
+
+
 def make_walkers(setup, args) -> list:
     walkers = []
-    for i, temperature in enumerate(temperatures(setup, args.walkers)):
-        atoms = setup.start()
+    for i, (name, start, temperature) in enumerate(starts(setup, args)):
+        atoms = start()
         _common.thermalize(atoms, temperature, np.random.default_rng(args.seed + i))
         walkers.append(Walker(
-            name=f"T{temperature:.0f}", atoms=atoms, steps=args.steps,
+            name=name, atoms=atoms, steps=args.steps,
             dynamics=functools.partial(Langevin, timestep=setup.timestep_fs * units.fs,
                                        temperature_K=temperature, friction=0.02,
                                        fixcm=False)))
@@ -114,8 +131,11 @@ def run(args: argparse.Namespace) -> dict:
         if client is not None:
             client.close()
             client.cluster.close()
-    test = _common.label_all(_common.sample_structures(setup, args.test_frames,
-                                                       seed=args.seed + 100), setup.new_level())
+    test = []  # independent MD frames of every simulated molecule
+    for name, start, _ in starts(setup, args)[:None if args.molecules else 1]:
+        frames = _common.sample_structures(dataclasses.replace(setup, start=start),
+                                           args.test_frames, seed=args.seed + 100)
+        test += _common.label_all(frames, setup.new_level())
     zero_shot = FineTunableCalculator(setup.checkpoint, variant=setup.variant)
     rows = [{"model": "generation 0 (copy of the pretrained head)",
              **_common.errors(zero_shot, test)},
