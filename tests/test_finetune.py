@@ -193,6 +193,36 @@ def test_linear_heads_recover_perturbed_last_layers_exactly(emt_checkpoint, tmp_
         assert err_after < tol, (name, err_after, err_before)  # ... and undone, held-out too
 
 
+def test_jacobian_force_wise_equals_feature_wise(emt_checkpoint):
+    """Two exact ways to the heads rows must agree: one reverse pass per last-layer
+    parameter, or one per independent force/strain component (3N − 3 positions, the
+    last atom's rows from translation invariance, the strain's upper triangle)."""
+    from ase.calculators.emt import EMT
+
+    from ase_petft import _metatrain
+    from ase_petft.labels import labels_from_frames
+
+    cell = emt_frames(1, seed=3)[0]
+    cluster = cell.copy()
+    cluster.pbc = False
+    cluster.cell = [0, 0, 0]
+    cluster.calc = EMT()
+    cluster.get_forces()
+    model = _metatrain.load_model(emt_checkpoint)
+    rows = {}
+    for mode in ("features", "forces"):
+        config = FineTuneConfig(rotations=0)
+        object.__setattr__(config, "jacobian", mode)  # the adapter's switch, not an option
+        rows[mode] = _metatrain.heads_rows(model, "energy", labels_from_frames([cell, cluster]),
+                                           config=config)
+    for by_feature, by_force in zip(rows["features"], rows["forces"]):
+        A, B = by_feature[0], by_force[0]
+        assert A.shape == B.shape and not np.isnan(B).any()
+        np.testing.assert_allclose(B, A, rtol=0, atol=1e-6 * np.abs(A).max())
+        np.testing.assert_array_equal(by_feature[3], by_force[3])
+    assert "stress" in rows["forces"][0][3] and "stress" not in rows["forces"][1][3]
+
+
 def test_linear_solver_keeps_the_parent_when_nothing_predicts_better(emt_checkpoint, tmp_path):
     """The tiny test PET (2 epochs, widths 1) has features too poor to learn the new
     level from 6 labels: no ridge/noise setting predicts a lower leave-one-structure-out

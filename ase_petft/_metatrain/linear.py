@@ -191,14 +191,16 @@ def _jacobian(energy, params, inputs, *, forces: bool, mode: str = "auto",
 
     The mixed derivative is computed the cheaper exact way: ``"features"`` runs one
     reverse pass per last-layer parameter (backward of g to the inputs), ``"forces"``
-    one per input component (backward of ∂E/∂x, built with ``create_graph``, to θ);
+    one per independent input component (backward of ∂E/∂x, built with
+    ``create_graph``, to θ: 3N − 3 positions, the last atom's follow by translation
+    invariance, and the upper triangle of the strain, the lower one left NaN);
     ``"auto"`` takes the one with fewer passes. Passes run batched
     (``is_grads_batched``) in chunks sized to ``JACOBIAN_MEMORY_BYTES``.
     """
-    sizes = [x.numel() for x in inputs]
     n_params = sum(p.numel() for p in params)
     if mode == "auto":
-        mode = "forces" if sum(sizes) < n_params else "features"
+        passes = sum(len(_independent(k, x)) for k, x in enumerate(inputs))
+        mode = "forces" if passes < n_params else "features"
     if not forces:
         g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(energy, params)])
         return g.detach(), [], []
@@ -212,14 +214,36 @@ def _jacobian(energy, params, inputs, *, forces: bool, mode: str = "auto",
     e0 = torch.autograd.grad(energy, inputs, create_graph=True)
     grads = torch.autograd.grad(energy, params, retain_graph=True)
     g = torch.cat([x.reshape(-1) for x in grads])
-    flat = torch.cat([x.reshape(-1) for x in e0])
+    # passes only for the components that are independent: the last atom's rows follow
+    # from translation invariance (PET sees positions only through differences, so the
+    # position derivatives of any feature sum to zero over the atoms), and a strain
+    # derivative is needed only for the upper triangle (the stress rows, Voigt order)
+    picks = [_independent(k, x) for k, x in enumerate(inputs)]
+    flat = torch.cat([d.reshape(-1)[pick] for d, pick in zip(e0, picks)])
     rows = np.concatenate([b[0] for b in _batched(flat, params, len(flat), graph_bytes,
                                                   concat=True)])
     jac, start = [], 0
-    for x, size in zip(inputs, sizes):  # (n_rows, P) -> (P, *x.shape)
-        jac.append(rows[start:start + size].T.reshape(n_params, *x.shape))
-        start += size
+    for k, (x, pick) in enumerate(zip(inputs, picks)):  # (n_rows, P) -> (P, *x.shape)
+        full = np.full((n_params, x.numel()), np.nan)
+        full[:, pick.cpu().numpy()] = rows[start:start + len(pick)].T
+        start += len(pick)
+        if k == 0 and len(pick) < x.numel():
+            full[:, -3:] = -full[:, :-3].reshape(n_params, -1, 3).sum(axis=1)
+        jac.append(full.reshape(n_params, *x.shape))
     return g.detach(), [x.detach() for x in e0], jac
+
+
+UPPER_STRAIN = torch.tensor([0, 4, 8, 5, 2, 1])  # xx yy zz yz xz xy of a flattened 3×3
+
+
+def _independent(k: int, x) -> "torch.Tensor":
+    """Flat indices of input ``k`` (0: positions (N, 3), 1: strain (3, 3)) whose mixed
+    derivatives need a pass; the strain's lower triangle stays NaN (never used)."""
+    if k == 0 and x.shape[0] > 1:
+        return torch.arange(x.numel() - 3)
+    if k == 1:
+        return UPPER_STRAIN
+    return torch.arange(x.numel())
 
 
 def _batched(outputs, wrt, n_rows: int, graph_bytes: int, *,
