@@ -344,17 +344,20 @@ def write_report(workdir, output_dir, *, buffer=None, variant: Optional[str] = N
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     swaps = _events(run["history"], "swap")
+    walkers = walker_table(run)
+    origin = min((r["time"] for r in labels if r.get("time") is not None), default=0.0)
+    along = ((lambda rows: _on_wall_time(rows, origin)) if walkers  # each walker counts
+             else (lambda rows: rows))                             # its own steps
     files = {
         "errors": plots.errors_figure(generations, out / "errors.png", dpi=dpi),
-        "trajectory": plots.trajectory_figure(labels, swaps,
-                                              _events(run["history"], "refit_rejected"),
-                                              out / "trajectory.png", dpi=dpi,
-                                              thresholds=thresholds(run["history"])),
+        "trajectory": plots.trajectory_figure(
+            along(labels), along(swaps), along(_events(run["history"], "refit_rejected")),
+            out / "trajectory.png", dpi=dpi, thresholds=thresholds(run["history"]),
+            x_label="wall time since the first label (s)" if walkers else "MD step"),
         "refit_times": plots.refit_times_figure(generations, out / "refit_times.png", dpi=dpi),
     }
     if parity:
         files["parity"] = plots.parity_figure(parity, variant, out / "parity.png", dpi=dpi)
-    walkers = walker_table(run)
     if walkers:
         files["walkers"] = plots.walkers_figure(run["history"], out / "walkers.png", dpi=dpi)
     summary = summary_text(run, generations, labels, parity, variant)
@@ -369,6 +372,13 @@ def write_report(workdir, output_dir, *, buffer=None, variant: Optional[str] = N
                          labels=labels, swaps=swaps, parity=parity, walkers=walkers,
                          summary=summary,
                          files=files)
+
+
+def _on_wall_time(rows: List[Dict[str, Any]], origin: float) -> List[Dict[str, Any]]:
+    """Copies of history rows whose ``step`` is the wall time (s) since ``origin``: a
+    campaign's walkers each count their own steps, so steps do not order its events."""
+    return [{**row, "step": row["time"] - origin} for row in rows
+            if row.get("time") is not None]
 
 
 def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:

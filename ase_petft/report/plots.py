@@ -84,7 +84,7 @@ def errors_figure(generations: List[Dict[str, Any]], path, *, dpi: int) -> pathl
 # ---------------------------------------------------------------------- trajectory
 def trajectory_figure(labels: List[Dict[str, Any]], swaps: List[Dict[str, Any]],
                       rejected: List[Dict[str, Any]], path, *, dpi: int,
-                      thresholds: Sequence[float] = ()) -> pathlib.Path:
+                      thresholds: Sequence[float] = (), x_label: str = "MD step") -> pathlib.Path:
     """Uncertainty at labelled steps (with the policy's threshold), labels and failed
     reference calls along the run, swaps and rejections."""
     from matplotlib.ticker import MaxNLocator
@@ -127,7 +127,7 @@ def trajectory_figure(labels: List[Dict[str, Any]], swaps: List[Dict[str, Any]],
     every_step = [*steps.tolist(), *failed.tolist(), *(float(w["step"]) for w in swaps + rejected)]
     last = max([0.0, *every_step])
     bottom.set_xlim(0, 1.06 * last if last > 0 else 1.0)
-    bottom.set_xlabel("MD step")
+    bottom.set_xlabel(x_label)
     bottom.set_ylabel("labels")
     bottom.set_ylim(bottom=0)
     bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
