@@ -167,6 +167,40 @@ def test_a_failing_reference_on_one_walker_does_not_stop_the_other(emt_checkpoin
     assert [f.info["walker"] for f in failures] == ["large", "large"]
 
 
+def test_a_walker_whose_references_always_fail_rolls_back_only_when_due(emt_checkpoint,
+                                                                          tmp_path):
+    """Each rollback of the failing walker needs its own max_consecutive_failures failed
+    calls: a failure count from before its last restore must not count again (it did:
+    rollbacks came in pairs, one step apart, and the walker died early)."""
+    small = emt_frames(1, seed=5)[0]
+    large = emt_frames(1, seed=6, size=3)[0]
+    reference = _FailFor(len(large), 10**9)
+    watchdog = WatchdogConfig(max_temperature_K=1e5, bond_factor=0, max_consecutive_failures=2,
+                              snapshot_every=2)
+    walkers = [_walker("small", small, 150, seed=1), _walker("large", large, 150, seed=2)]
+    with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer, Campaign(
+            emt_checkpoint, variant="energy/emt", reference=reference, buffer=buffer,
+            workdir=tmp_path / "campaign", select=every(3), refit_every=100,
+            watchdog=watchdog) as campaign:
+        result = campaign.run(walkers)
+    assert all(w["error"] is None and w["steps"] == 150 for w in result.walkers.values())
+    failed_since_restore, unphysical, steps = 0, 0, []
+    for row in wd.read_history(tmp_path / "campaign"):
+        if row.get("walker") != "large":
+            continue
+        if row["event"] == "label_failed":
+            failed_since_restore += 1
+        elif row["event"] == "unphysical":
+            unphysical += 1
+            steps.append(row["step"])
+            assert failed_since_restore >= 2, "rolled back on a stale failure count"
+            assert "reference calls in a row failed" in row["reason"]
+        elif row["event"] == "restored":
+            failed_since_restore = 0
+    assert unphysical >= 2 and all(b - a > 1 for a, b in zip(steps, steps[1:]))
+    assert result.walkers["large"]["unphysical"] == unphysical
+
+
 def test_coordinator_sigkill_then_restart_repeats_no_reference_call(emt_checkpoint, tmp_path):
     args = [sys.executable, str(HERE / "_campaign_run.py"), str(emt_checkpoint),
             str(tmp_path), "100000", "16"]
@@ -261,3 +295,21 @@ def test_walker_and_campaign_arguments_are_checked(emt_checkpoint, tmp_path):
                 campaign.run([walker, walker])
             with pytest.raises(ConfigError, match="non-empty list"):
                 campaign.run([])
+            with pytest.raises(ConfigError, match="needs a budget"):
+                campaign.run([walker], stop_when_budget_spent=True)
+            with pytest.raises(ConfigError, match="timeout_s"):
+                campaign.run([walker], timeout_s="5")
+            with pytest.raises(ConfigError, match="unique"):
+                campaign.run([walker, Walker(name="A", atoms=atoms, steps=10, dynamics=dyn)])
+            # two runs on one campaign: the second counts its own calls, resumes the walker
+            first = campaign.run([_walker("a", atoms, 12)])
+            second = campaign.run([_walker("a", atoms, 24)])
+            assert first.reference_calls == first.labels >= 1
+            assert second.reference_calls == second.labels - first.labels >= 1
+            assert second.walkers["a"]["steps"] == 24
+            other = emt_frames(1, seed=6, size=3)[0]
+            with pytest.raises(ConfigError, match="another structure"):
+                campaign.run([_walker("a", other, 30)])
+        with pytest.raises(ConfigError, match="label_executor"):
+            Campaign(emt_checkpoint, variant="energy/emt", reference=EMT(), buffer=buffer,
+                     workdir=tmp_path / "d", label_executor=object())

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # TorchScript's compiler is not thread-safe: two calculators built at once in threads
 # of one process (a campaign's walkers) failed with "Can't redefine method: forward"
-_SCRIPT_LOCK = threading.Lock()
+_SCRIPT_LOCK = threading.RLock()
 
 
 def prepare_for_inference(model, *, dtype: torch.dtype, device: torch.device,
@@ -147,10 +147,11 @@ def export_model(model, path: os.PathLike | str, *, variant: str, dtype=None) ->
     expected = predict(model, [probe], variant, forces=False, stress=False)[0]["energy"]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with preserved_logger_class():
-            exported = model.export()
-            exported.save(str(tmp))
-        _verify(tmp, variant, probe, expected)
+        with _SCRIPT_LOCK:  # saving and loading the export compile TorchScript
+            with preserved_logger_class():
+                exported = model.export()
+                exported.save(str(tmp))
+            _verify(tmp, variant, probe, expected)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

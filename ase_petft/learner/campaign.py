@@ -37,15 +37,16 @@ reference again.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import logging
-import pathlib
+import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, LabellingError
+from ..errors import ConfigError, LabellingError, PetftError
 from . import workdir as wd
 from ._support import DaemonExecutor, structure_key
 from .channels import DaskChannel, LocalChannel, decode_atoms
@@ -132,6 +133,11 @@ class Campaign:
         if workdir is None:
             raise ConfigError("a campaign needs a workdir (its walkers read generations and "
                               "save their state there, and a restart resumes from it)")
+        for name, executor in (("label_executor", label_executor),
+                               ("refit_executor", refit_executor)):
+            if executor is not None and not callable(getattr(executor, "submit", None)):
+                raise ConfigError(f"{name} must be a concurrent.futures.Executor (e.g. "
+                                  f"client.get_executor()), got {type(executor).__name__}")
         if watchdog is not None and not isinstance(watchdog, WatchdogConfig):
             raise ConfigError(f"watchdog must be a WatchdogConfig, got {type(watchdog).__name__}")
         self.select = select if select is not None else every(10)
@@ -153,8 +159,9 @@ class Campaign:
         self.reference, self.max_labels = reference, max_labels
         self._label_executor = label_executor
         self._pending: Dict[str, tuple] = {}  # structure key -> (request, future)
-        self._answered: Dict[str, int] = {}
-        self._failures: Dict[str, int] = {}
+        self._answered: Dict[str, int] = {}  # walker -> its requests answered
+        self._failures: Dict[str, int] = {}  # walker -> reference failures in a row
+        self._restores: Dict[str, int] = {}  # walker -> restores the coordinator saw
         self._latest: Dict[str, Any] = {}  # walker -> atoms of its last snapshot
         self._uncertainty_version = 0
         self._published: Optional[tuple] = None
@@ -174,56 +181,85 @@ class Campaign:
             workers, reference calls too (unless ``label_executor`` was given).
         :param stop_when_budget_spent: stop the walkers once ``max_labels`` labels are
             in and the last refit is judged (for campaigns whose goal is the model).
-        :param timeout_s: stop the walkers after this many seconds.
+        :param timeout_s: stop the walkers after this many seconds; reference calls
+            still running then get at most a minute more (then they are abandoned and
+            recorded as failed).
         """
         walkers = _check_walkers(walkers)
+        _check_run(self, client, stop_when_budget_spent, timeout_s)
+        self._reset_run()
         start = time.perf_counter()
-        channel = DaskChannel() if client is not None else LocalChannel()
-        own_labels = None
-        if self._label_executor is None:
-            own_labels = (client.get_executor(pure=False) if client is not None else
-                          concurrent.futures.ThreadPoolExecutor(
-                              max_workers=len(walkers), thread_name_prefix="petft-label"))
-        labels = self._label_executor or own_labels
+        channel = DaskChannel(client=client) if client is not None else LocalChannel()
+        labels, own_labels = self._label_pool(client, len(walkers))
         self._publish(channel, force=True)
-        futures = {w.name: self._launch(w, channel, client) for w in walkers}
+        futures = {w.name: self._launch(w, channel, client, len(walkers)) for w in walkers}
         summaries: Dict[str, Dict[str, Any]] = {}
-        stopping = False
         try:
-            while len(summaries) < len(futures):
-                for message in channel.receive(timeout=0.05):
-                    self._handle(message, labels)
-                self._collect_labels()
-                self.learner.poll(probe_atoms=self._probe_atoms())
-                self._collect_walkers(futures, summaries)
-                due = (stop_when_budget_spent and self._budget_spent() and not self._pending
-                       and not self.learner.refit_in_progress)
-                if timeout_s is not None and time.perf_counter() - start > timeout_s:
-                    due = True
-                if due and not stopping:
-                    stopping = True
-                    self.learner.event("stop_walkers", reason="budget spent" if
-                                       self._budget_spent() else "timeout")
-                self._publish(channel, stop=stopping)
+            self._loop(channel, labels, futures, summaries, stop_when_budget_spent,
+                       None if timeout_s is None else start + timeout_s)
             for message in channel.receive(timeout=0.0):
                 self._handle(message, labels, accept_requests=False)
-            self._drain_labels()
-            self.learner.wait()
+            deadline = None if timeout_s is None else max(start + timeout_s, time.perf_counter()) + 60
+            self._drain_labels(deadline)
+            self.learner.wait(None if deadline is None else max(0.0, deadline - time.perf_counter()))
             self._publish(channel, stop=True)
         except BaseException:
             try:  # walkers must not go on stepping without a coordinator
                 self._publish(channel, stop=True)
-            except Exception:  # the scheduler may be gone: walkers then fail on their own
+            except Exception:  # the scheduler may be gone: walkers then stop on their own
                 logger.debug("could not tell the walkers to stop", exc_info=True)
             raise
         finally:
-            if isinstance(own_labels, concurrent.futures.ThreadPoolExecutor):
+            if own_labels is not None:
                 own_labels.shutdown(wait=False, cancel_futures=True)
             channel.close()
         return CampaignResult(walkers=summaries, generation=self.calc.generation,
                               reference_calls=self.reference_calls,
                               labels=self.learner.n_labels, failed_labels=self.failed_labels,
                               wall_time_s=time.perf_counter() - start)
+
+    def _loop(self, channel, labels, futures, summaries, stop_when_budget_spent: bool,
+              deadline: Optional[float]) -> None:
+        """The coordinator's loop: requests in, labels and refits out, until every
+        walker is done."""
+        stopping = False
+        while len(summaries) < len(futures):
+            for message in channel.receive(timeout=0.05):
+                self._handle(message, labels)
+            self._collect_labels()
+            self.learner.poll(probe_atoms=self._probe_atoms())
+            self._collect_walkers(futures, summaries)
+            due = (stop_when_budget_spent and self._budget_spent() and not self._pending
+                   and not self.learner.refit_in_progress)
+            timed_out = deadline is not None and time.perf_counter() > deadline
+            if (due or timed_out) and not stopping:
+                stopping = True
+                self.learner.event("stop_walkers",
+                                   reason="timeout" if timed_out else "budget spent")
+            self._publish(channel, stop=stopping)
+
+    def _reset_run(self) -> None:
+        """Per-run state: counts of this run, nothing in flight (a second run() on the
+        same campaign starts clean; labels and generations carry over)."""
+        self._pending, self._answered, self._failures, self._restores = {}, {}, {}, {}
+        self._latest = {}
+        self.reference_calls = self.failed_labels = 0
+
+    def _label_pool(self, client, n_walkers: int):
+        """(executor for reference calls, the one this run owns and shuts down)."""
+        if self._label_executor is not None:
+            return self._label_executor, None
+        if client is not None:
+            return client.get_executor(pure=False), None
+        workers = n_walkers
+        if not _copyable(self.reference):
+            # label() would then call this very object from several threads at once
+            logger.warning("the reference calculator cannot be deep-copied: reference "
+                           "calls run one at a time")
+            workers = 1
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                     thread_name_prefix="petft-label")
+        return pool, pool
 
     def close(self) -> None:
         """Finish a refit in flight and release the work directory."""
@@ -236,17 +272,27 @@ class Campaign:
         self.learner.close(abandon=exc_type is not None)
 
     # ------------------------------------------------------------------ walkers
-    def _launch(self, walker: Walker, channel, client):
+    def _launch(self, walker: Walker, channel, client, n_walkers: int):
         saved = wd.read_json(wd.walker_state_path(self.workdir, walker.name)) or {}
+        if saved and list(saved["atoms"]["numbers"]) != walker.atoms.numbers.tolist():
+            raise ConfigError(
+                f"walker {walker.name!r}: its saved state in {str(self.workdir)!r} holds "
+                f"another structure ({len(saved['atoms']['numbers'])} atoms) than the "
+                f"walker's atoms ({len(walker.atoms)}); give a new walker a new name, or "
+                f"delete {str(wd.walker_state_path(self.workdir, walker.name))!r} to start "
+                "it afresh")
         generation = self.calc.generation
         start = {"workdir": str(self.workdir), "checkpoint": str(wd.checkpoint_of(
                      self.workdir, generation)), "generation": generation,
                  "calculator": self._calc_options, "select": self.select,
                  "watchdog": self.watchdog, "step": saved.get("step", 0),
                  "steps_since_label": saved.get("steps_since_label", 0),
-                 "atoms": saved.get("atoms")}
+                 "atoms": saved.get("atoms"),
+                 # threads here share the cores (torch's thread count is per thread)
+                 "torch_threads": None if client is not None else max(
+                     1, (os.cpu_count() or 1) // n_walkers)}
         self.learner.event("walker_launch", walker=walker.name, from_step=start["step"],
-                           resumed=bool(saved))
+                           resumed=bool(saved), step=start["step"])
         if client is not None:
             return client.submit(run_walker, walker, channel, start, pure=False,
                                  key=f"petft-walker-{walker.name}-{channel.name[-12:]}")
@@ -279,6 +325,7 @@ class Campaign:
             fields = {k: v for k, v in message.items() if k not in ("type", "event")}
             if message["event"] == "restored":
                 self._failures[name] = 0
+                self._restores[name] = int(message.get("restores", 0))
             self.learner.event(message["event"], **fields)
         elif kind == "label":
             if accept_requests:
@@ -311,9 +358,19 @@ class Campaign:
             message, atoms, future, t0 = self._pending.pop(key)
             self._record(message, atoms, future, time.perf_counter() - t0)
 
-    def _drain_labels(self) -> None:
+    def _drain_labels(self, deadline: Optional[float]) -> None:
+        """Wait for the reference calls still running (until ``deadline``: later ones
+        are cancelled and recorded as failed)."""
         for key in list(self._pending):
             message, atoms, future, t0 = self._pending.pop(key)
+            if deadline is not None:
+                left = max(0.0, deadline - time.perf_counter())
+                if isinstance(future, concurrent.futures.Future):
+                    concurrent.futures.wait([future], timeout=left)
+                else:  # a dask future
+                    _wait_quietly(future, left)
+                if not future.done():
+                    future.cancel()
             self._record(message, atoms, future, time.perf_counter() - t0)
 
     def _record(self, message, atoms, future, wall_time_s: float) -> None:
@@ -321,12 +378,17 @@ class Campaign:
         self._answer(name)
         try:
             labelled = future.result()
-        except Exception as exc:
-            error = exc if isinstance(exc, LabellingError) else LabellingError(
-                f"the reference call failed on the executor: {type(exc).__name__}: {exc}",
-                atoms=atoms)
+        except LabellingError as error:  # the structure failed: it counts for the walker
             self.failed_labels += 1
             self._failures[name] = self._failures.get(name, 0) + 1
+            self.learner.record_failure(atoms, error, step=message["step"], walker=name)
+            return
+        except PetftError:
+            raise  # a configuration problem (e.g. label()'s timeout needs a copyable reference)
+        except BaseException as exc:  # the executor failed (lost worker, cancelled, ...)
+            self.failed_labels += 1
+            error = LabellingError(f"the reference call did not run to its end on the "
+                                   f"executor: {type(exc).__name__}: {exc}", atoms=atoms)
             self.learner.record_failure(atoms, error, step=message["step"], walker=name)
             return
         self._failures[name] = 0
@@ -363,6 +425,7 @@ class Campaign:
                  "uncertainty_version": self._uncertainty_version,
                  "n_labels": self.learner.n_labels, "budget_left": not self._budget_spent(),
                  "answered": dict(self._answered), "failures": dict(self._failures),
+                 "restores": dict(self._restores),
                  "stop": bool(stop)}
         signature = (generation, repr(sorted(state.items())))
         if force or signature != self._published:
@@ -383,6 +446,33 @@ def _check_walkers(walkers) -> List[Walker]:
         raise ConfigError("run() takes a non-empty list of Walker(name=..., atoms=..., "
                           "steps=..., dynamics=...)")
     names = [w.name for w in walkers]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"walker names must be unique, got {names}")
+    if len({n.casefold() for n in names}) != len(names):  # they name files
+        raise ConfigError(f"walker names must be unique (ignoring case), got {names}")
     return walkers
+
+
+def _check_run(campaign: "Campaign", client, stop_when_budget_spent, timeout_s) -> None:
+    if client is not None and not (hasattr(client, "submit") and hasattr(client, "get_executor")):
+        raise ConfigError(f"client must be a dask.distributed.Client, got {type(client).__name__}")
+    if stop_when_budget_spent and campaign.max_labels is None:
+        raise ConfigError("stop_when_budget_spent=True needs a budget: pass max_labels= to "
+                          "Campaign")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
+            timeout_s, (int, float)) or not timeout_s > 0):
+        raise ConfigError(f"timeout_s must be None or a positive number of seconds, got "
+                          f"{timeout_s!r}")
+
+
+def _copyable(reference) -> bool:
+    try:
+        copy.deepcopy(reference)
+    except Exception:
+        return False
+    return True
+
+
+def _wait_quietly(future, timeout: float) -> None:
+    try:
+        future.result(timeout=timeout)
+    except Exception:  # its outcome is read (and recorded) by the caller
+        pass

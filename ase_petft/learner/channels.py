@@ -88,9 +88,11 @@ class DaskChannel:
     client (a worker's task uses the worker's client)."""
 
     POLL_S = 0.2  # a walker reads the state at most this often (one scheduler round trip)
+    STATE_TIMEOUT_S = 10.0  # no state this long: the coordinator is gone, stop
 
-    def __init__(self, name: Optional[str] = None) -> None:
+    def __init__(self, name: Optional[str] = None, client=None) -> None:
         self.name = name or f"petft-campaign-{uuid.uuid4().hex[:12]}"
+        self._client = client  # None: the default client (a worker's own in a task)
         self._queue = self._variable = None
         self._cached: Optional[Dict[str, Any]] = None
         self._read_at = 0.0
@@ -105,8 +107,8 @@ class DaskChannel:
         if self._queue is None:
             from distributed import Queue, Variable
 
-            self._queue = Queue(f"{self.name}-messages")
-            self._variable = Variable(f"{self.name}-state")
+            self._queue = Queue(f"{self.name}-messages", client=self._client)
+            self._variable = Variable(f"{self.name}-state", client=self._client)
         return self._queue, self._variable
 
     def post(self, message: Dict[str, Any]) -> None:
@@ -124,13 +126,17 @@ class DaskChannel:
     def state(self) -> Dict[str, Any]:
         now = time.monotonic()
         if self._cached is None or now - self._read_at > self.POLL_S:
-            self._cached = dict(self._objects()[1].get(timeout=60))
+            try:
+                self._cached = dict(self._objects()[1].get(timeout=self.STATE_TIMEOUT_S))
+            except Exception:  # deleted, or the scheduler is gone: nobody to work for
+                self._cached = {**(self._cached or {}), "stop": True}
             self._read_at = now
         return dict(self._cached)
 
     def close(self) -> None:
         if self._queue is not None:
-            try:
-                self._variable.delete()
-            except Exception:  # the scheduler may be gone already
-                pass
+            for release in (self._queue.close, self._variable.delete):
+                try:
+                    release()
+                except Exception:  # the scheduler may be gone already
+                    pass

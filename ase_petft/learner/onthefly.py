@@ -499,7 +499,11 @@ class OnTheFlyLearner:
             return
         future, self._future = self._future, None
         self._restore_cores()
-        self._finish(future.result())
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the executor failed (a lost dask worker, ...)
+            outcome = exc
+        self._finish(outcome)
 
     def _finish(self, outcome) -> None:
         if isinstance(outcome, Exception):

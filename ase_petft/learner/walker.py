@@ -24,6 +24,7 @@ import logging
 import pathlib
 import re
 import time
+import zipfile
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -89,6 +90,18 @@ class Walker:
             raise ConfigError(f"walker {self.name!r}: watchdog must be a WatchdogConfig")
 
 
+def _newest_start(workdir: pathlib.Path, name: str, start: Dict[str, Any]) -> Dict[str, Any]:
+    """The launch record, or the walker's newer snapshot on disk (a task that dask runs
+    again after a lost worker goes on from where the lost one got, not from launch)."""
+    from .workdir import read_json, walker_state_path
+
+    saved = read_json(walker_state_path(workdir, name))
+    if saved and int(saved.get("step", 0)) > int(start.get("step", 0)):
+        return {**start, "step": saved["step"], "atoms": saved["atoms"],
+                "steps_since_label": saved.get("steps_since_label", 0)}
+    return start
+
+
 class _Stop(Exception):
     """The coordinator asked the walkers to stop."""
 
@@ -126,6 +139,11 @@ class _WalkerRun:
 
         self.walker, self.channel = walker, channel
         self.workdir = pathlib.Path(start["workdir"])
+        start = _newest_start(self.workdir, walker.name, start)
+        if start.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(int(start["torch_threads"]))  # this thread's team only
         self.select: Policy = walker.select or start["select"]
         self.step0 = int(start.get("step", 0))
         self.step = self.step0
@@ -143,7 +161,10 @@ class _WalkerRun:
         self.atoms.calc = self.calc
         self.dynamics = walker.dynamics(self.atoms)
         self.watchdog = Watchdog(walker.watchdog or start.get("watchdog") or WatchdogConfig())
-        self.requests = 0  # label requests posted; the coordinator counts the answered
+        # label requests posted; the coordinator publishes how many it answered (a task
+        # dask re-runs after a lost worker continues the count of the one before)
+        self.requests = int(channel.state().get("answered", {}).get(walker.name, 0))
+        self.restores = 0  # the coordinator resets our failure count when it saw each
         self.swaps: List[List[int]] = [[self.step0, self.calc.generation]]
         self.unphysical = 0
         self.failed_generation = -1  # never follow a generation this walker fell apart with
@@ -176,7 +197,7 @@ class _WalkerRun:
         if state.get("stop"):
             self._follow(state)  # end on the campaign's last generation
             raise _Stop()
-        self.watchdog.failures_in_a_row = int(state.get("failures", {}).get(self.walker.name, 0))
+        self.watchdog.failures_in_a_row = self._failures(state)
         results = dict(self.calc.results) if self.calc.atoms is not None else {}
         reason = self.watchdog.check(self.atoms, results, dynamics=self.dynamics)
         if reason is not None:
@@ -187,6 +208,13 @@ class _WalkerRun:
         if self.step % self.walker.snapshot_every == 0:
             self._snapshot()
         self._follow(state)
+
+    def _failures(self, state: Dict[str, Any]) -> int:
+        """Reference failures in a row on our requests, as the coordinator counts them;
+        0 until it has seen our last restore (a count from before it is stale)."""
+        if int(state.get("restores", {}).get(self.walker.name, 0)) != self.restores:
+            return 0
+        return int(state.get("failures", {}).get(self.walker.name, 0))
 
     # ------------------------------------------------------------------ labels
     def _maybe_request(self, state: Dict[str, Any], results: Dict[str, Any]) -> None:
@@ -236,13 +264,17 @@ class _WalkerRun:
         from .workdir import uncertainty_path
 
         path = uncertainty_path(self.workdir, self.calc.generation)
-        self.uncertainty_version = version
         try:
             with np.load(path) as data:
                 state = {k: data[k] for k in ("inverse", "scale2", "generation")}
-        except FileNotFoundError:
-            return  # not fitted for this generation yet
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            # not fitted for this generation yet, or a shared filesystem lagging: the
+            # next step tries again (σ is None meanwhile)
+            logger.debug("walker %s: no uncertainty for generation %d yet (%s)",
+                         self.walker.name, self.calc.generation, exc)
+            return
         self.calc.load_uncertainty_state(state)
+        self.uncertainty_version = version
 
     # ------------------------------------------------------------------ watchdog
     def _unphysical(self, reason: str, state: Dict[str, Any]) -> None:
@@ -267,7 +299,9 @@ class _WalkerRun:
         snap = self.watchdog.restore(self.atoms, seed=self.step)
         self.calc.reset()
         self.since_label = 0
-        self._post_event("restored", from_step=snap.step, to_generation=self.calc.generation)
+        self.restores += 1
+        self._post_event("restored", from_step=snap.step, to_generation=self.calc.generation,
+                         restores=self.restores)
 
     # ------------------------------------------------------------------ messages
     def _snapshot(self) -> None:
