@@ -193,6 +193,36 @@ def test_linear_heads_recover_perturbed_last_layers_exactly(emt_checkpoint, tmp_
         assert err_after < tol, (name, err_after, err_before)  # ... and undone, held-out too
 
 
+def test_a_calculators_fresh_variant_gets_the_level_offset_at_its_first_refit(emt_checkpoint,
+                                                                               tmp_path):
+    """A variant a calculator created (an untouched copy of its parent, as a learner's
+    generation 0 is) gets the per-element offset between the levels at its first refit,
+    as one finetune() creates itself; a later refit does not add it again. Oracle: the
+    mean energy residual per atom on the training labels, from predictions."""
+    from ase_petft import _metatrain
+
+    calc = FineTunableCalculator(emt_checkpoint, variant=NEW)  # NEW = copy of "energy"
+    source = calc.save_checkpoint(tmp_path / "gen0.ckpt")
+    frames = level_frames(6, seed=3, calc=ReparamEMT)
+
+    def mean_residual(checkpoint):
+        pred = predictions(checkpoint, frames, NEW)
+        return float(np.mean([(a.get_potential_energy() - p["energy"]) / len(a)
+                              for a, p in zip(frames, pred)]))
+
+    before = mean_residual(source)
+    first = finetune(source, frames, variant=NEW, config=FineTuneConfig(),
+                     output_dir=tmp_path / "gen1")
+    after = mean_residual(first.checkpoint_path)
+    # (old code: after == before, 0.022 eV/atom: the head was kept, the offset never fitted)
+    assert abs(before) > 0.01 and abs(after) < 0.1 * abs(before), (before, after)
+    weights = _metatrain.composition_weights(_metatrain.load_model(first.checkpoint_path), NEW)
+    second = finetune(first.checkpoint_path, frames, variant=NEW, config=FineTuneConfig(),
+                      output_dir=tmp_path / "gen2")
+    again = _metatrain.composition_weights(_metatrain.load_model(second.checkpoint_path), NEW)
+    assert again == weights  # fitted once: not an untouched copy any more
+
+
 def test_jacobian_force_wise_equals_feature_wise(emt_checkpoint):
     """Two exact ways to the heads rows must agree: one reverse pass per last-layer
     parameter, or one per independent force/strain component (3N − 3 positions, the

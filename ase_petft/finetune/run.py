@@ -56,6 +56,10 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
     with _metatrain.seeded(config.seed):
         if run.parent is not None and config.new_variant_baseline == "residual":
             _create_variant(run)
+        elif config.new_variant_baseline == "residual":
+            twin = _untouched_copy_of(model, run.variant)
+            if twin is not None:  # created elsewhere (a calculator) and never fitted yet
+                _correct_composition(run, twin)
         solver_info = cache = None
         if config.effective_solver == "linear":
             best_epoch = None
@@ -165,8 +169,17 @@ def _eval_sets(run: Run) -> Dict[str, List[Label]]:
 
 def _create_variant(run: Run) -> None:
     """New variant = copy of the parent head, parent scale, corrected composition."""
-    model, variant, parent = run.model, run.variant, run.parent
-    _metatrain.add_variant(model, variant, inherit_from=parent, description=run.description)
+    _metatrain.add_variant(run.model, run.variant, inherit_from=run.parent,
+                           description=run.description)
+    _correct_composition(run, run.parent)
+
+
+def _correct_composition(run: Run, parent: str) -> None:
+    """Composition of the variant = the parent's + a minimum-norm per-element correction
+    fitted to the training labels' residuals under the parent (the offset between two
+    levels of theory, ~3 eV/atom for GFN1 → GFN2, which the heads would otherwise have
+    to absorb)."""
+    model, variant = run.model, run.variant
     labels = run.train[variant]
     predicted = _metatrain.predict(model, [l.atoms for l in labels], parent,
                                    forces=False, stress=False)
@@ -179,12 +192,25 @@ def _create_variant(run: Run) -> None:
     new = {z: weights[z] + float(c) for z, c in zip(types, correction)}
     _metatrain.set_composition_weights(model, variant, new)
     logger.info(
-        "new variant %r initialised from %r: heads copied (metatrain inherit_heads), "
-        "parent scale kept and composition = parent + minimum-norm residual correction "
-        "%s eV (metatrain would refit scale and composition from the new totals; "
+        "variant %r starts from %r: heads copied (metatrain inherit_heads), parent scale "
+        "kept and composition = parent + minimum-norm residual correction %s eV "
+        "(metatrain would refit scale and composition from the new totals; "
         "new_variant_baseline='metatrain' does that)", variant, parent,
         {int(z): round(float(c), 4) for z, c in zip(types, correction)},
     )
+
+
+def _untouched_copy_of(model, variant: str) -> Optional[str]:
+    """The variant ``variant`` is still a bit-identical copy of (last layers and
+    composition), e.g. a head a calculator created from ``inherit_from`` and no refit
+    has fitted yet; None if it has been fitted."""
+    own = _metatrain.last_layer_vector(model, variant)
+    composition = _metatrain.composition_weights(model, variant)
+    for other in _metatrain.energy_variants(model):
+        if other != variant and np.array_equal(_metatrain.last_layer_vector(model, other), own) \
+                and _metatrain.composition_weights(model, other) == composition:
+            return other
+    return None
 
 
 # ---------------------------------------------------------------------- checks/metrics
