@@ -56,9 +56,14 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
     with _metatrain.seeded(config.seed):
         if run.parent is not None and config.new_variant_baseline == "residual":
             _create_variant(run)
-        elif config.new_variant_baseline == "residual":
+        elif config.new_variant_baseline == "residual" and config.effective_solver == "linear":
+            # a head a calculator created (a learner's generation 0) and no refit fitted
+            # yet: the closed-form solve, pulled toward the parent head, would otherwise
+            # have to absorb the offset between the levels (measured: 1-2.7 eV/atom left).
+            # Not before SGD: there it made `petft demo`'s full refits worse (forces
+            # 0.54 -> 0.68 of zero-shot over 3 seeds); metatrain's training learns it.
             twin = _untouched_copy_of(model, run.variant)
-            if twin is not None:  # created elsewhere (a calculator) and never fitted yet
+            if twin is not None:
                 _correct_composition(run, twin)
         solver_info = cache = None
         if config.effective_solver == "linear":
