@@ -396,7 +396,7 @@ class Campaign:
                                   generation=message["generation"],
                                   predicted_energy=message.get("predicted_energy"),
                                   uncertainty=message.get("uncertainty"),
-                                  wall_time_s=wall_time_s, walker=name)
+                                  wall_time_s=wall_time_s, asked=atoms, walker=name)
         self._save_uncertainty()
 
     # ------------------------------------------------------------------ state

@@ -310,7 +310,7 @@ class OnTheFlyLearner:
         predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
         self.record_label(labelled, step=self._step, generation=self.calc.generation,
                           predicted_energy=predicted, uncertainty=support.maybe(ctx),
-                          wall_time_s=time.perf_counter() - start)
+                          wall_time_s=time.perf_counter() - start, asked=atoms)
 
     # ----------------------------------------------- labels computed elsewhere (Campaign)
     def knows(self, atoms) -> bool:
@@ -325,17 +325,19 @@ class OnTheFlyLearner:
     def record_label(self, labelled, *, step: int, generation: int,
                      predicted_energy: Optional[float] = None,
                      uncertainty: Optional[float] = None,
-                     wall_time_s: Optional[float] = None, **metadata) -> None:
+                     wall_time_s: Optional[float] = None, asked=None, **metadata) -> None:
         """Append a reference label to the buffer (held out or not, as the hold-out
-        fraction asks) and to the labels the next refit trains on. ``metadata`` (e.g.
-        ``walker=``) goes to the buffer and to the history event."""
+        fraction asks) and to the labels the next refit trains on. ``asked``: the
+        structure as the simulation had it (default: ``labelled``), what :meth:`knows`
+        recognises afterwards. ``metadata`` (e.g. ``walker=``) goes to the buffer and to
+        the history event."""
         holdout = self._next_is_holdout()
         index = self.buffer.append(labelled, variant=self.variant, step=step,
                                    generation=generation, holdout=holdout,
                                    predicted_energy=predicted_energy,
                                    uncertainty=uncertainty, **metadata)
         self._labels.append(self.buffer[index])  # one frame back, as every reader sees it
-        self._known.add(support.structure_key(labelled))
+        self._known.add(support.structure_key(labelled if asked is None else asked))
         self._n_labels += 1
         self._n_holdout += int(holdout)
         self._event("label", holdout=holdout, uncertainty=uncertainty,
