@@ -25,8 +25,8 @@ worker, and posts label requests without waiting for them. The coordinator
   ``refit_executor``, e.g. ``client.get_executor(resources={"GPU": 1})``), judges the
   candidate with the gate, and publishes accepted generations: every walker swaps them
   in between two of its steps; a rejected one reaches none;
-- keeps each walker's last snapshot (``workdir/walkers/NAME.json``, every
-  ``snapshot_every`` steps of that walker).
+- keeps each walker's last snapshot (``workdir/walkers/NAME.json``: sent every
+  ``snapshot_every`` steps of that walker, written at most once a second).
 
 Restart: running the same script again resumes every walker from its last snapshot
 (its start structure if it never sent one), keeps every label, and the calculator
@@ -51,7 +51,7 @@ from . import workdir as wd
 from ._support import DaemonExecutor, structure_key
 from .channels import DaskChannel, LocalChannel, decode_atoms
 from .onthefly import OnTheFlyLearner
-from .selection import Policy, every
+from .selection import Policy, every, never
 from .walker import Walker, run_walker
 from .watchdog import WatchdogConfig
 
@@ -150,7 +150,7 @@ class Campaign:
         self._calc_options = {"variant": self.calc.variant, "device": device,
                               "dtype": dtype}
         self.learner = OnTheFlyLearner(
-            self.calc, reference, buffer, select=never_select(), refit_every=refit_every,
+            self.calc, reference, buffer, select=never(), refit_every=refit_every,
             config=config, background=True, holdout_fraction=holdout_fraction,
             max_labels=max_labels, workdir=workdir, executor=refit_executor,
             tolerance=tolerance, properties=tuple(properties), refit_threads=refit_threads,
@@ -162,7 +162,9 @@ class Campaign:
         self._answered: Dict[str, int] = {}  # walker -> its requests answered
         self._failures: Dict[str, int] = {}  # walker -> reference failures in a row
         self._restores: Dict[str, int] = {}  # walker -> restores the coordinator saw
-        self._latest: Dict[str, Any] = {}  # walker -> atoms of its last snapshot
+        self._latest: Dict[str, Any] = {}  # walker -> its last snapshot message
+        self._unsaved: set = set()  # walkers whose last snapshot is not on disk yet
+        self._saved_at = 0.0
         self._uncertainty_version = 0
         self._published: Optional[tuple] = None
         self.reference_calls = 0
@@ -199,12 +201,14 @@ class Campaign:
                        None if timeout_s is None else start + timeout_s)
             for message in channel.receive(timeout=0.0):
                 self._handle(message, labels, accept_requests=False)
+            self._save_snapshots(every_s=0.0)
             deadline = None if timeout_s is None else max(start + timeout_s, time.perf_counter()) + 60
             self._drain_labels(deadline)
             self.learner.wait(None if deadline is None else max(0.0, deadline - time.perf_counter()))
             self._publish(channel, stop=True)
         except BaseException:
             try:  # walkers must not go on stepping without a coordinator
+                self._save_snapshots(every_s=0.0)
                 self._publish(channel, stop=True)
             except Exception:  # the scheduler may be gone: walkers then stop on their own
                 logger.debug("could not tell the walkers to stop", exc_info=True)
@@ -227,6 +231,7 @@ class Campaign:
             for message in channel.receive(timeout=0.05):
                 self._handle(message, labels)
             self._collect_labels()
+            self._save_snapshots()
             self.learner.poll(probe_atoms=self._probe_atoms())
             self._collect_walkers(futures, summaries)
             due = (stop_when_budget_spent and self._budget_spent() and not self._pending
@@ -242,7 +247,7 @@ class Campaign:
         """Per-run state: counts of this run, nothing in flight (a second run() on the
         same campaign starts clean; labels and generations carry over)."""
         self._pending, self._answered, self._failures, self._restores = {}, {}, {}, {}
-        self._latest = {}
+        self._latest, self._unsaved, self._saved_at = {}, set(), 0.0
         self.reference_calls = self.failed_labels = 0
 
     def _label_pool(self, client, n_walkers: int):
@@ -310,17 +315,30 @@ class Campaign:
 
     def _probe_atoms(self):
         """The newest walker snapshot with momenta: where a stability probe starts."""
-        return next((a for a in reversed(list(self._latest.values())) if a.has("momenta")),
-                    None)
+        return next((decode_atoms(m["atoms"]) for m in reversed(list(self._latest.values()))
+                     if m["atoms"].get("momenta") is not None), None)
+
+    def _save_snapshots(self, *, every_s: float = 1.0) -> None:
+        """Write each walker's newest snapshot (``workdir/walkers/NAME.json``, durably),
+        at most once per ``every_s`` seconds: a restart loses at most that much of a
+        walker's run, and the loop does not fsync for every message."""
+        now = time.perf_counter()
+        if not self._unsaved or now - self._saved_at < every_s:
+            return
+        for name in sorted(self._unsaved):
+            path = wd.walker_state_path(self.workdir, name)
+            path.parent.mkdir(exist_ok=True)
+            wd.write_json(path, self._latest[name])
+        self._unsaved.clear()
+        self._saved_at = now
 
     # ------------------------------------------------------------------ messages
     def _handle(self, message: Dict[str, Any], labels, accept_requests: bool = True) -> None:
         kind, name = message.get("type"), message.get("walker")
-        if kind == "snapshot":
-            wd.walker_state_path(self.workdir, name).parent.mkdir(exist_ok=True)
-            wd.write_json(wd.walker_state_path(self.workdir, name), message)
+        if kind == "snapshot":  # kept here; written by _save_snapshots, off the hot path
             self._latest.pop(name, None)
-            self._latest[name] = decode_atoms(message["atoms"])
+            self._latest[name] = message
+            self._unsaved.add(name)
         elif kind == "event":
             fields = {k: v for k, v in message.items() if k not in ("type", "event")}
             if message["event"] == "restored":
@@ -431,13 +449,6 @@ class Campaign:
         if force or signature != self._published:
             channel.publish(state)
             self._published = signature
-
-
-def never_select() -> Policy:
-    """The coordinator's own learner never selects (its walkers do)."""
-    from .selection import never
-
-    return never()
 
 
 def _check_walkers(walkers) -> List[Walker]:

@@ -55,7 +55,8 @@ class Walker:
         calculator is set); e.g. ``functools.partial(Langevin, timestep=0.5 * units.fs,
         temperature_K=400, friction=0.02)``. On dask it is pickled to the worker.
     :param select: this walker's selection policy (default: the campaign's).
-    :param snapshot_every: steps between two saved snapshots of the structure.
+    :param snapshot_every: steps between two snapshots of the structure sent to the
+        coordinator (which writes the newest at most once a second).
     :param watchdog: this walker's :class:`WatchdogConfig` (default: the campaign's).
     """
 
