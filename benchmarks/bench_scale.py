@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--out", help="work directory (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="4 labels, 2 epochs (smoke run)")
     parser.add_argument("--skip-sgd", action="store_true", help="no SGD and no mtt runs")
+    parser.add_argument("--skip-jacobians", action="store_true",
+                        help="no per-structure Jacobian timings (4 child processes)")
     args = parser.parse_args()
     if args.quick:
         args.labels, args.epochs = 4, 2
@@ -165,7 +167,7 @@ def main() -> None:
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench-scale-"))
     out.mkdir(parents=True, exist_ok=True)
     base = build_base(out)
-    jac = jacobians(base, args.device)
+    jac = [] if args.skip_jacobians else jacobians(base, args.device)
 
     half = args.labels // 2
     labels = labelled(cells(half, 1) + molecules(args.labels - half, 2))
@@ -179,7 +181,8 @@ def main() -> None:
                           validation=held, device=args.device)
         wall = time.perf_counter() - start
         rows.append((name.format(result=result), wall, errors(result.checkpoint_path, held, NEW)))
-        print(f"{rows[-1][0]}: {wall:.1f} s", flush=True)
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in result.metrics["timing_s"].items())
+        print(f"{rows[-1][0]}: {wall:.2f} s ({phases})", flush=True)
         return result
 
     linear = FineTuneConfig(keep_parent_unless_better=False)

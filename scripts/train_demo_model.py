@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -130,6 +131,15 @@ def excluded_open_shell() -> tuple[str, ...]:
 TRAIN_MOLECULES = training_molecules()
 
 
+@functools.lru_cache(maxsize=1)
+def extra_smiles() -> tuple[str, ...]:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from _demo_chemistry import HELD_OUT_SMILES, extra_smiles as enumerate_smiles
+
+    assert set(HELD_OUT_SMILES) == set(HELD_OUT_MOLECULES)
+    return enumerate_smiles()
+
+
 def molecule_rng(name: str, purpose: str):
     """A numpy generator seeded by SEED, the molecule and the purpose (order independent)."""
     import numpy as np
@@ -143,6 +153,12 @@ class Plan:
     def __init__(self, quick: bool):
         self.quick = quick
         self.molecules = TRAIN_MOLECULES[::6] if quick else TRAIN_MOLECULES
+        # combinatorial H/C/N/O molecules beyond g2 (scripts/_demo_chemistry.py): fewer,
+        # shorter trajectories each, many more molecules
+        self.extra_equilibration_steps = 60 if quick else 100  # + extra_molecules below
+        self.extra_frames_per_trajectory = 2 if quick else 6
+        self.extra_deformed_per_molecule = 2 if quick else 6
+        self.extra_test_frames_per_molecule = 1 if quick else 2
         self.train_temperatures_K = (300.0, 500.0, 800.0)
         self.equilibration_steps = 60 if quick else 200
         self.frames_per_trajectory = 3 if quick else 22
@@ -157,7 +173,7 @@ class Plan:
         self.model_md_steps = 100 if quick else 1000
         self.model_md_frames = 4 if quick else 20
         self.validation_fraction = 0.05
-        self.num_epochs = 2 if quick else 55
+        self.num_epochs = 2 if quick else 40
         self.batch_size = 16
         self.learning_rate = 1e-3
         # per-atom energies and force components in the scaler's units: the force term
@@ -165,6 +181,11 @@ class Plan:
         # plateau (~zero forces) for 20+ epochs, so keep 1 and select on the loss
         self.energy_weight = 1.0
         self.force_weight = 1.0
+
+    @property
+    def extra_molecules(self) -> tuple[str, ...]:
+        """The enumerated molecules (SMILES; needs RDKit, which training alone does not)."""
+        return extra_smiles()[::40] if self.quick else extra_smiles()
 
 
 # --------------------------------------------------------------------------------------
@@ -236,10 +257,10 @@ def md_frames(atoms, calc, *, temperature_K, n_frames, every, equilibration, rng
     return frames
 
 
-def deformed(start, plan: Plan, rng):
-    """Uniformly scaled (stretched / compressed about the centre) and rattled copies."""
+def deformed(start, plan: Plan, rng, n: int):
+    """``n`` uniformly scaled (stretched / compressed about the centre) and rattled copies."""
     out = []
-    for _ in range(plan.deformed_per_molecule):
+    for _ in range(n):
         scale = rng.uniform(*plan.scale_range)
         sigma = rng.uniform(*plan.rattle_sigma_A)
         snap = start.copy()
@@ -250,53 +271,84 @@ def deformed(start, plan: Plan, rng):
     return out
 
 
-def sample_training_molecules(plan: Plan):
-    """GFN1 MD + deformed frames of every training molecule, labelled with GFN1, and an
-    independent 400 K test trajectory per molecule. Returns train, val, test lists."""
-    import numpy as np
+def training_entries(plan: Plan) -> list:
+    """(name, kind) of every training molecule: g2 names, then extra SMILES."""
+    return [(n, "g2") for n in plan.molecules] + [(s, "smiles") for s in plan.extra_molecules]
+
+
+def start_geometry(name: str, kind: str):
     from ase.build import molecule
 
+    if kind == "g2":
+        return molecule(name)
+    from _demo_chemistry import embed
+
+    return embed(name, seed=zlib.crc32(name.encode()) ^ SEED)
+
+
+def sample_molecule(job) -> tuple:
+    """GFN1 MD + deformed frames of one training molecule, labelled with GFN1, and an
+    independent 400 K test trajectory. Runs in a worker process: returns (pool, test, log)."""
+    plan, name, kind = job
+    extra = kind == "smiles"
+    t0 = time.perf_counter()
     calc = gfn("GFN1-xTB")
-    pool, test = [], []
-    for name in plan.molecules:
-        t0 = time.perf_counter()
-        rng = molecule_rng(name, "train")
-        start = molecule(name)
-        n_before = len(pool)
-        for temperature in plan.train_temperatures_K:
-            snaps = md_frames(
-                start,
-                calc,
-                temperature_K=temperature,
-                n_frames=plan.frames_per_trajectory,
-                every=plan.sample_every,
-                equilibration=plan.equilibration_steps,
-                rng=rng,
-            )
-            tag = {"molecule": name, "source": f"gfn1-md-{temperature:.0f}K"}
-            pool += label_all(snaps, calc, tag)
-        for snap, source in deformed(start, plan, rng):
-            frame = labelled(snap, calc, {"molecule": name, "source": source})
-            if frame is not None:
-                pool.append(frame)
-        # test frames: an independent trajectory at the demo temperature
+    rng = molecule_rng(name, "train")
+    try:
+        start = start_geometry(name, kind)
+    except ValueError as exc:
+        return [], [], f"  ! {name}: skipped ({exc})"
+    equilibration = plan.extra_equilibration_steps if extra else plan.equilibration_steps
+    pool = []
+    for temperature in plan.train_temperatures_K:
         snaps = md_frames(
             start,
             calc,
-            temperature_K=DEMO_TEMPERATURE_K,
-            n_frames=plan.test_frames_per_molecule,
-            every=plan.test_sample_every,
-            equilibration=plan.equilibration_steps,
-            rng=molecule_rng(name, "test"),
+            temperature_K=temperature,
+            n_frames=plan.extra_frames_per_trajectory if extra else plan.frames_per_trajectory,
+            every=plan.sample_every,
+            equilibration=equilibration,
+            rng=rng,
         )
-        tag = {"molecule": name, "source": f"gfn1-md-{DEMO_TEMPERATURE_K:.0f}K-test"}
-        new_test = label_all(snaps, calc, tag)
-        test += new_test
-        print(
-            f"  {name:<22s} {len(start):2d} atoms: {len(pool) - n_before:3d} pool "
-            f"+ {len(new_test)} test frames ({time.perf_counter() - t0:.1f} s)",
-            flush=True,
-        )
+        tag = {"molecule": name, "source": f"gfn1-md-{temperature:.0f}K"}
+        pool += label_all(snaps, calc, tag)
+    n_deformed = plan.extra_deformed_per_molecule if extra else plan.deformed_per_molecule
+    for snap, source in deformed(start, plan, rng, n_deformed):
+        frame = labelled(snap, calc, {"molecule": name, "source": source})
+        if frame is not None:
+            pool.append(frame)
+    # test frames: an independent trajectory at the demo temperature
+    snaps = md_frames(
+        start,
+        calc,
+        temperature_K=DEMO_TEMPERATURE_K,
+        n_frames=plan.extra_test_frames_per_molecule if extra else plan.test_frames_per_molecule,
+        every=plan.test_sample_every,
+        equilibration=equilibration,
+        rng=molecule_rng(name, "test"),
+    )
+    tag = {"molecule": name, "source": f"gfn1-md-{DEMO_TEMPERATURE_K:.0f}K-test"}
+    test = label_all(snaps, calc, tag)
+    log = (f"  {name:<22s} {len(start):2d} atoms: {len(pool):3d} pool + {len(test)} test "
+           f"frames ({time.perf_counter() - t0:.1f} s)")
+    return pool, test, log
+
+
+def sample_training_molecules(plan: Plan, jobs: int):
+    """Frames of every training molecule (``jobs`` worker processes; the result does not
+    depend on their number: every molecule has its own seeded generator). Returns
+    train, val, test lists."""
+    import multiprocessing
+
+    import numpy as np
+
+    work = [(plan, name, kind) for name, kind in training_entries(plan)]
+    pool, test = [], []
+    with multiprocessing.get_context("fork").Pool(max(1, jobs)) as workers:
+        for frames, test_frames, log in workers.imap(sample_molecule, work):
+            pool += frames
+            test += test_frames
+            print(log, flush=True)
     rng = np.random.default_rng(SEED)
     order = rng.permutation(len(pool))
     n_val = max(1, round(plan.validation_fraction * len(pool)))
@@ -356,10 +408,10 @@ def target_section(path: str, description: str) -> dict:
     }
 
 
-def mtt_options(plan: Plan, description: str) -> dict:
+def mtt_options(plan: Plan, description: str, device: str) -> dict:
     return {
         "seed": SEED,
-        "device": "cpu",
+        "device": device,
         "base_precision": 32,
         "final_eval": False,
         "architecture": {
@@ -447,15 +499,12 @@ def run_mtt(args: list[str], workdir: pathlib.Path, threads: int, log_name: str)
             raise SystemExit(f"mtt {' '.join(args)} failed; see {workdir / log_name}")
 
 
-def train(plan: Plan, frames: dict, workdir: pathlib.Path, threads: int, description: str):
-    """Write the extxyz files and options.yaml into ``workdir`` and run ``mtt train``."""
-    import ase.io
+def train(plan: Plan, workdir: pathlib.Path, threads: int, description: str, device: str):
+    """Write options.yaml next to the workdir's extxyz files and run ``mtt train``."""
     import yaml
 
-    for name, subset in frames.items():
-        ase.io.write(workdir / f"{name}.xyz", subset, format="extxyz")
     with open(workdir / "options.yaml", "w") as fh:
-        yaml.safe_dump(mtt_options(plan, description), fh, sort_keys=False)
+        yaml.safe_dump(mtt_options(plan, description, device), fh, sort_keys=False)
     t0 = time.perf_counter()
     run_mtt(["train", "options.yaml", "-o", "model.pt"], workdir, threads, "train.log")
     return time.perf_counter() - t0
@@ -536,8 +585,14 @@ def evaluate(model_pt, test, held_out: dict, plan: Plan, threads: int):
     natoms = lambda frames: np.array([len(f) for f in frames], dtype=float)  # noqa: E731
     metrics = {}
 
+    g2_names = set(plan.molecules)
+    g2_test = [f for f in test if f.info["molecule"] in g2_names]
+    extra_test = [f for f in test if f.info["molecule"] not in g2_names]
     metrics["train_molecules_test_vs_gfn1"] = errors(
-        predict(test, calc), reference(test), natoms(test)
+        predict(g2_test, calc), reference(g2_test), natoms(g2_test)
+    )
+    metrics["extra_molecules_test_vs_gfn1"] = errors(
+        predict(extra_test, calc), reference(extra_test), natoms(extra_test)
     )
     per_molecule = {}
     for name in plan.molecules:
@@ -660,7 +715,9 @@ def reproduce_command(args) -> str:
     words = ["OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/train_demo_model.py"]
     if args.quick:
         words.append("--quick")
-    words += ["--threads", str(args.threads)]
+    words += ["--threads", str(args.threads), "--jobs", str(args.jobs)]
+    if args.device != "cpu":
+        words += ["--device", args.device]
     for field in ("epochs", "batch_size", "learning_rate", "energy_weight"):
         value = getattr(args, field)
         if value is not None:
@@ -668,11 +725,11 @@ def reproduce_command(args) -> str:
     return " ".join(words)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true",
-        help="tiny smoke run (~1 min); writes into --output-dir (default: a temp dir)",
+        help="tiny smoke run (~2 min); writes into --output-dir (default: a temp dir)",
     )  # fmt: skip
     parser.add_argument(
         "--output-dir", type=pathlib.Path, default=None,
@@ -681,15 +738,104 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--workdir", type=pathlib.Path, default=None,
-        help="keep the training files (extxyz, options.yaml, logs) here instead of a temp dir",
+        help="keep the training files (extxyz, options.yaml, logs) here instead of a temp "
+        "dir; needed by --stage data/train/evaluate, which share it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stage", choices=("all", "data", "train", "evaluate"), default="all",
+        help="run one stage only (data -> train -> evaluate, through --workdir): e.g. the "
+        "data on a CPU machine and the training on a GPU node",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads for mtt train")
+    parser.add_argument("--jobs", type=int, default=2, help="processes sampling the data")
+    parser.add_argument("--device", default="cpu", help="mtt train's device (cpu, cuda)")
     parser.add_argument("--epochs", type=int, default=None, help="override the epoch count")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--energy-weight", type=float, default=None)
     args = parser.parse_args(argv)
+    if args.stage != "all" and args.workdir is None:
+        parser.error("--stage data/train/evaluate needs --workdir (the stages share it)")
+    return args
 
+
+def write_frames(workdir: pathlib.Path, frames: dict) -> None:
+    import ase.io
+
+    for name, subset in frames.items():
+        ase.io.write(workdir / f"{name}.xyz", subset, format="extxyz")
+
+
+def read_frames(workdir: pathlib.Path, name: str) -> list:
+    import ase.io
+
+    return ase.io.read(workdir / f"{name}.xyz", index=":", format="extxyz")
+
+
+def stage_data(plan: Plan, workdir: pathlib.Path, jobs: int) -> dict:
+    """Sample and label everything; write the extxyz files and data.json into workdir."""
+    t0 = time.perf_counter()
+    n_mol = len(plan.molecules) + len(plan.extra_molecules)
+    print(f"[data] GFN1-xTB frames of {n_mol} training molecules ({len(plan.molecules)} g2, "
+          f"{len(plan.extra_molecules)} enumerated), {jobs} processes", flush=True)
+    train_set, val_set, test_set = sample_training_molecules(plan, jobs)
+    print("[data] 400 K GFN1-xTB MD of the held-out molecules", flush=True)
+    held_out = sample_held_out(plan)
+    frames = {"train": train_set, "val": val_set, "test": test_set}
+    for name, (frames_gfn1, frames_gfn2) in held_out.items():
+        frames |= {f"held_out_{name}_gfn1": frames_gfn1, f"held_out_{name}_gfn2": frames_gfn2}
+    write_frames(workdir, frames)
+    info = {"data_time_s": round(time.perf_counter() - t0, 1), "jobs": jobs,
+            "machine": machine(), "counts": {k: len(v) for k, v in frames.items()}}
+    (workdir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"[data] {len(train_set)} train / {len(val_set)} val / {len(test_set)} test / "
+          f"{sum(len(v[0]) for v in held_out.values())} held-out frames in "
+          f"{info['data_time_s']:.0f} s", flush=True)
+    return info
+
+
+def load_held_out(workdir: pathlib.Path) -> dict:
+    return {name: (read_frames(workdir, f"held_out_{name}_gfn1"),
+                   read_frames(workdir, f"held_out_{name}_gfn2"))
+            for name in HELD_OUT_MOLECULES}
+
+
+def stage_train(plan: Plan, workdir: pathlib.Path, args, description: str) -> dict:
+    """``mtt train`` on the workdir's extxyz files; writes model.ckpt and train.json."""
+    import torch
+
+    print(f"[train] mtt train ({plan.num_epochs} epochs, batch {plan.batch_size}, device "
+          f"{args.device}, {args.threads} threads)", flush=True)
+    t_train = train(plan, workdir, args.threads, description, args.device)
+    hardware = machine()
+    if args.device.startswith("cuda"):
+        hardware = f"{torch.cuda.get_device_name(0)}, {hardware}"
+    info = {"train_time_s": round(t_train, 1), "device": args.device, "threads": args.threads,
+            "hardware": hardware, "num_epochs": plan.num_epochs,
+            "batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
+            "energy_weight": plan.energy_weight, "command": reproduce_command(args)}
+    (workdir / "train.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"[train] done in {t_train:.0f} s", flush=True)
+    return info
+
+
+def shipped_checkpoint(source: pathlib.Path, target: pathlib.Path) -> None:
+    """The trained checkpoint without optimizer states (2/3 of its size; nothing that
+    loading, fine-tuning or exporting the model needs): its best weights as the model."""
+    import metatomic.torch  # noqa: F401  (registers ModelMetadata, pickled in checkpoints)
+    import torch
+
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    best = ckpt.get("best_model_state_dict") or ckpt["model_state_dict"]
+    ckpt["model_state_dict"] = best
+    ckpt["best_model_state_dict"] = best
+    for key in ("optimizer_state_dict", "best_optimizer_state_dict"):
+        ckpt[key] = None
+    torch.save(ckpt, target)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     # tblite and the evaluation run in this process on small molecules: one thread is
     # fastest and leaves the other core alone. Must be set before numpy/torch load.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -712,14 +858,6 @@ def main(argv=None) -> int:
         if value is not None:
             setattr(plan, "num_epochs" if field == "epochs" else field, value)
 
-    if args.output_dir is not None:
-        out_dir = args.output_dir.resolve()
-    elif args.quick:
-        out_dir = pathlib.Path(tempfile.mkdtemp(prefix="petft-demo-quick-"))
-    else:
-        out_dir = DATA_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="petft-demo-train-")
@@ -728,37 +866,41 @@ def main(argv=None) -> int:
         workdir = args.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
 
-    t_start = time.perf_counter()
-    print(f"[1/4] sampling GFN1-xTB data of {len(plan.molecules)} training molecules", flush=True)
-    train_set, val_set, test_set = sample_training_molecules(plan)
-    print(f"[1/4] sampling 400 K GFN1-xTB MD of the held-out molecules", flush=True)
-    held_out = sample_held_out(plan)
-    t_data = time.perf_counter() - t_start
-    n_held_out = sum(len(v[0]) for v in held_out.values())
-    print(
-        f"      {len(train_set)} train / {len(val_set)} val / {len(test_set)} test / "
-        f"{n_held_out} held-out frames in {t_data:.0f} s",
-        flush=True,
-    )
+    if args.stage in ("all", "data"):
+        stage_data(plan, workdir, args.jobs)
+    if args.stage in ("all", "train"):
+        stage_train(plan, workdir, args, description)
+    if args.stage in ("all", "evaluate"):
+        if args.output_dir is not None:
+            out_dir = args.output_dir.resolve()
+        elif args.quick:
+            out_dir = pathlib.Path(tempfile.mkdtemp(prefix="petft-demo-quick-"))
+        else:
+            out_dir = DATA_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stage_evaluate(plan, workdir, out_dir, description)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
 
-    print(f"[2/4] mtt train ({plan.num_epochs} epochs, {args.threads} threads)", flush=True)
-    frames = {"train": train_set, "val": val_set, "test": test_set}
-    # the held-out frames too, for anyone inspecting the work directory (not used by mtt)
-    for name, (frames_gfn1, frames_gfn2) in held_out.items():
-        frames |= {f"held_out_{name}_gfn1": frames_gfn1, f"held_out_{name}_gfn2": frames_gfn2}
-    t_train = train(plan, frames, workdir, args.threads, description)
 
+def stage_evaluate(plan: Plan, workdir: pathlib.Path, out_dir: pathlib.Path, description):
+    """Export the trained model, measure every number of the card, write the shipped
+    checkpoint, demo_card.json and README.md into ``out_dir``."""
+    data_info = json.loads((workdir / "data.json").read_text())
+    train_info = json.loads((workdir / "train.json").read_text())
+    test_set = read_frames(workdir, "test")
+    held_out = load_held_out(workdir)
     checkpoint = out_dir / CHECKPOINT_NAME
-    shutil.copyfile(workdir / "model.ckpt", checkpoint)
-    print(f"[3/4] mtt export {checkpoint}", flush=True)
+    shipped_checkpoint(workdir / "model.ckpt", checkpoint)
+    print(f"[evaluate] mtt export {checkpoint}", flush=True)
     run_mtt(["export", str(checkpoint), "-o", "exported.pt"], workdir, 1, "export.log")
-
-    print("[4/4] evaluating the exported checkpoint", flush=True)
     t0 = time.perf_counter()
     metrics = evaluate(workdir / "exported.pt", test_set, held_out, plan, threads=1)
     t_eval = time.perf_counter() - t0
     for key in (
         "train_molecules_test_vs_gfn1",
+        "extra_molecules_test_vs_gfn1",
         "demo_md_vs_gfn1",
         "demo_md_gfn2_minus_gfn1",
         "demo_md_vs_gfn2_zero_shot",
@@ -782,8 +924,8 @@ def main(argv=None) -> int:
         f"{agg['force_mae_over_gap']:.2f} (target <= 0.5)",
         flush=True,
     )
-
-    _, best_epoch, best_metric = count_parameters(checkpoint)
+    counts = data_info["counts"]
+    _, best_epoch, best_metric = count_parameters(workdir / "model.ckpt")
     card = {
         "checkpoint": CHECKPOINT_NAME,
         "checkpoint_size_bytes": checkpoint.stat().st_size,
@@ -797,11 +939,12 @@ def main(argv=None) -> int:
         "held_out_molecules": dict(HELD_OUT_MOLECULES),
         "elements": list(ELEMENTS),
         "training_molecules": list(plan.molecules),
+        "extra_training_molecules_smiles": list(plan.extra_molecules),
         "excluded_open_shell_molecules": list(excluded_open_shell()),
         "data": {
-            "n_train": len(train_set),
-            "n_val": len(val_set),
-            "n_test_train_molecules": len(test_set),
+            "n_train": counts["train"],
+            "n_val": counts["val"],
+            "n_test_train_molecules": counts["test"],
             "n_demo_frames": len(held_out[DEMO_MOLECULE][0]),
             "n_held_out_frames": {k: len(v[0]) for k, v in held_out.items()},
             "md_temperatures_K": list(plan.train_temperatures_K),
@@ -809,6 +952,9 @@ def main(argv=None) -> int:
             "md_friction_per_fs": FRICTION_PER_FS,
             "equilibration_steps": plan.equilibration_steps,
             "frames_per_trajectory": plan.frames_per_trajectory,
+            "extra_equilibration_steps": plan.extra_equilibration_steps,
+            "extra_frames_per_trajectory": plan.extra_frames_per_trajectory,
+            "extra_deformed_per_molecule": plan.extra_deformed_per_molecule,
             "sample_every_steps": plan.sample_every,
             "deformed_per_molecule": plan.deformed_per_molecule,
             "scale_range": list(plan.scale_range),
@@ -823,61 +969,60 @@ def main(argv=None) -> int:
         },
         "training": {
             "seed": SEED,
-            "num_epochs": plan.num_epochs,
+            "num_epochs": train_info["num_epochs"],
             "best_epoch": best_epoch,
             "best_metric": best_metric,
-            "batch_size": plan.batch_size,
-            "learning_rate": plan.learning_rate,
-            "energy_weight": plan.energy_weight,
+            "batch_size": train_info["batch_size"],
+            "learning_rate": train_info["learning_rate"],
+            "energy_weight": train_info["energy_weight"],
             "force_weight": plan.force_weight,
-            "threads": args.threads,
-            "train_time_s": round(t_train, 1),
+            "threads": train_info["threads"],
+            "device": train_info["device"],
+            "hardware": train_info["hardware"],
+            "train_time_s": train_info["train_time_s"],
         },
         "metrics": metrics,
-        "metric_notes": {
-            "units": "energies meV/atom, forces meV/Angstrom per Cartesian component",
-            "train_molecules_test_vs_gfn1": "model - GFN1 on independent 400 K GFN1-MD "
-            "trajectories of the training molecules (never trained on)",
-            "held_out_md_vs_gfn1_per_molecule": "model - GFN1 on 400 K GFN1-MD frames of "
-            "each held-out molecule (in no training or validation frame); "
-            "force_mae_over_gap = this force MAE / the GFN2 - GFN1 force MAE on the same "
-            "frames",
-            "held_out_md_gfn2_minus_gfn1_per_molecule": "GFN2 - GFN1 on the same frames, "
-            "mean per-atom energy offset removed",
-            "held_out_aggregate": "force MAEs pooled over all held-out frames and their "
-            "ratio; target force_mae_over_gap <= 0.5",
-            "demo_md_vs_gfn1": "model - GFN1 on 400 K GFN1-MD frames of the held-out "
-            "demo molecule (== held_out_md_vs_gfn1_per_molecule[demo_molecule])",
-            "demo_md_gfn2_minus_gfn1": "GFN2 - GFN1 on the same demo frames: the gap the "
-            "fine-tuning demo has to close; energies with the mean per-atom offset removed "
-            "(mean_energy_offset_meV_per_atom)",
-            "demo_md_vs_gfn2_zero_shot": "model - GFN2 on the demo frames, mean per-atom "
-            "offset removed: the 'before' error of a new energy/gfn2 head inherited from "
-            "energy",
-            "model_md_vs_gfn1": "model - GFN1 on frames of a 400 K Langevin MD driven by the "
-            "model itself (what `petft demo` runs)",
-        },
+        "metric_notes": METRIC_NOTES,
         "timing_s": {
-            "data": round(t_data, 1),
-            "train": round(t_train, 1),
+            "data": data_info["data_time_s"],
+            "data_machine": data_info["machine"],
+            "data_jobs": data_info["jobs"],
+            "train": train_info["train_time_s"],
             "evaluation": round(t_eval, 1),
-            "total": round(time.perf_counter() - t_start, 1),
         },
-        "command": reproduce_command(args),
+        "command": train_info["command"],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "machine": machine(),
     }
     (out_dir / "demo_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "README.md").write_text(render_model_card(card))
-    print(
-        f"done in {card['timing_s']['total']:.0f} s: {checkpoint} "
-        f"({checkpoint.stat().st_size / 1e6:.1f} MB), card in {out_dir}",
-        flush=True,
-    )
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
+    print(f"[evaluate] {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB), card in "
+          f"{out_dir}", flush=True)
+
+
+METRIC_NOTES = {
+    "units": "energies meV/atom, forces meV/Angstrom per Cartesian component",
+    "train_molecules_test_vs_gfn1": "model - GFN1 on independent 400 K GFN1-MD "
+    "trajectories of the g2 training molecules (never trained on)",
+    "extra_molecules_test_vs_gfn1": "the same for the enumerated (SMILES) training molecules",
+    "held_out_md_vs_gfn1_per_molecule": "model - GFN1 on 400 K GFN1-MD frames of "
+    "each held-out molecule (in no training or validation frame); "
+    "force_mae_over_gap = this force MAE / the GFN2 - GFN1 force MAE on the same frames",
+    "held_out_md_gfn2_minus_gfn1_per_molecule": "GFN2 - GFN1 on the same frames, "
+    "mean per-atom energy offset removed",
+    "held_out_aggregate": "force MAEs pooled over all held-out frames and their "
+    "ratio; target force_mae_over_gap <= 0.5",
+    "demo_md_vs_gfn1": "model - GFN1 on 400 K GFN1-MD frames of the held-out "
+    "demo molecule (== held_out_md_vs_gfn1_per_molecule[demo_molecule])",
+    "demo_md_gfn2_minus_gfn1": "GFN2 - GFN1 on the same demo frames: the gap the "
+    "fine-tuning demo has to close; energies with the mean per-atom offset removed "
+    "(mean_energy_offset_meV_per_atom)",
+    "demo_md_vs_gfn2_zero_shot": "model - GFN2 on the demo frames, mean per-atom "
+    "offset removed: the 'before' error of a new energy/gfn2 head inherited from energy",
+    "model_md_vs_gfn1": "model - GFN1 on frames of a 400 K Langevin MD driven by the "
+    "model itself (what `petft demo` runs)",
+}
 
 
 def machine() -> str:
@@ -955,13 +1100,14 @@ def render_model_card(card: dict) -> str:
     gap_demo = m["demo_md_gfn2_minus_gfn1"]["force_mae_meV_per_A"]
     own_demo = m["demo_md_vs_gfn1"]["force_mae_meV_per_A"]
     n_mol = len(card["training_molecules"])
+    n_extra = len(card["extra_training_molecules_smiles"])
     return f"""# Demo model: `{card["checkpoint"]}`
 
 A small [PET](https://metatensor.github.io/metatrain/) machine-learning potential shipped
 with `ase_petft` for `petft demo`, the examples and integration tests
 (`ase_petft.demo_checkpoint()`). It is a **toy for demonstrations, not a production
-potential**: it knows {n_mol} small closed-shell molecules made of H, C, N and O (the g2
-set), and one level of theory.
+potential**: it knows {n_mol + n_extra} small closed-shell molecules made of H, C, N and O
+({n_mol} from ASE's g2 set, {n_extra} enumerated), and one level of theory.
 
 | | |
 |---|---|
@@ -987,15 +1133,28 @@ of H, C, N and O only, except the held-out ones — {n_mol} molecules:
 Left out as open-shell (odd electron count or a magnetic moment in g2): {", ".join(
         f"`{n}`" for n in card["excluded_open_shell_molecules"])}.
 
-Per molecule: GFN1-xTB Langevin MD (timestep {d["md_timestep_fs"]} fs, friction
+Plus {n_extra} molecules enumerated by `scripts/_demo_chemistry.py` (substituent +
+functional group combinations, rings, heteroaromatics, amino acids, polyols; at most
+10 heavy atoms; 3-D structures from RDKit's seeded ETKDG + MMFF), as canonical SMILES:
+
+{", ".join(f"`{n}`" for n in card["extra_training_molecules_smiles"])}
+
+The held-out molecules are removed from this list by canonical SMILES, and so is every
+aromatic five-membered ring containing oxygen (furan, oxazole, ...): furan is an unseen
+ring system. The functional groups of the other held-out molecules (tertiary amine,
+amide, ester) do occur in larger training molecules, as in any general-purpose backbone.
+
+Per g2 molecule: GFN1-xTB Langevin MD (timestep {d["md_timestep_fs"]} fs, friction
 {d["md_friction_per_fs"]} fs⁻¹) at {", ".join(f"{t:.0f}" for t in d["md_temperatures_K"])} K,
 {d["frames_per_trajectory"]} snapshots every {d["sample_every_steps"]} steps after
 {d["equilibration_steps"]} steps of equilibration, plus {d["deformed_per_molecule"]} copies
 of the g2 geometry uniformly scaled by {d["scale_range"][0]}–{d["scale_range"][1]} and
-rattled (Gaussian σ {d["rattle_sigma_A"][0]}–{d["rattle_sigma_A"][1]} Å).
+rattled (Gaussian σ {d["rattle_sigma_A"][0]}–{d["rattle_sigma_A"][1]} Å). Per enumerated
+molecule the same with {d["extra_frames_per_trajectory"]} snapshots per temperature after
+{d["extra_equilibration_steps"]} steps, and {d["extra_deformed_per_molecule"]} deformed copies.
 {d["n_train"]} training and {d["n_val"]} validation frames (random split). Test frames:
 {d["n_test_train_molecules"]} frames of independent {card["demo_temperature_K"]:.0f} K
-GFN1-xTB trajectories of the training molecules.
+GFN1-xTB trajectories of the training molecules (2 per enumerated molecule)
 
 **Held out** (in no training or validation frame): {", ".join(
         f"`{n}` ({c})" for n, c in card["held_out_molecules"].items())}; `{demo}` is the
@@ -1010,9 +1169,10 @@ molecule `petft demo` runs. For each, {d["n_held_out_frames"][demo]} frames of a
 (metatrain's warmup + cosine schedule), MSE loss on per-atom energies (weight
 {tr["energy_weight"]}) and forces (weight {tr["force_weight"]}), best epoch by validation
 loss: {tr["best_epoch"]}.
-Training took {tr["train_time_s"] / 60:.1f} min on {tr["threads"]} torch thread(s)
-({card["machine"]}); the whole script {timing["total"] / 60:.1f} min
-(data {timing["data"] / 60:.1f} min, evaluation {timing["evaluation"] / 60:.1f} min).
+Training took {tr["train_time_s"] / 60:.1f} min on device `{tr["device"]}`
+({tr["hardware"]}, {tr["threads"]} torch thread(s)); the data {timing["data"] / 60:.1f} min
+with {timing["data_jobs"]} processes ({timing["data_machine"]}), the evaluation
+{timing["evaluation"] / 60:.1f} min.
 
 Reproduce (from the repository root, overwrites the files in `ase_petft/data/` unless
 `--output-dir` is given):
@@ -1041,7 +1201,9 @@ Pooled over all held-out frames the ratio is **{agg["force_mae_over_gap"]:.2f}**
 
 | frames | n | E MAE (meV/atom) | E RMSE (meV/atom) | F MAE (meV/Å) | F RMSE (meV/Å) |
 |---|---|---|---|---|---|
-{_row("training molecules, independent 400 K MD", m["train_molecules_test_vs_gfn1"])}
+{_row("g2 training molecules, independent 400 K MD", m["train_molecules_test_vs_gfn1"])}
+{_row("enumerated training molecules, independent 400 K MD",
+       m["extra_molecules_test_vs_gfn1"])}
 {_row(f"**demo molecule `{demo}`**, 400 K GFN1 MD", m["demo_md_vs_gfn1"])}
 {_row("demo molecule, same frames, mean energy offset removed",
        m["demo_md_vs_gfn1_offset_removed"])}
@@ -1055,7 +1217,7 @@ GFN2 − GFN1 energies differ by a large constant ({m["demo_md_gfn2_minus_gfn1"]
 "offset removed" subtract the mean per-atom difference (a new head's composition fit
 absorbs it).
 
-Per training molecule (independent 400 K MD, against GFN1-xTB):
+Per g2 training molecule (independent 400 K MD, against GFN1-xTB):
 
 | molecule | n | E MAE (meV/atom) | E RMSE (meV/atom) | F MAE (meV/Å) | F RMSE (meV/Å) |
 |---|---|---|---|---|---|
@@ -1063,7 +1225,7 @@ Per training molecule (independent 400 K MD, against GFN1-xTB):
 
 ## Limits
 
-- Small isolated closed-shell H/C/N/O molecules like the g2 ones above, at
+- Small isolated closed-shell H/C/N/O molecules like the ones above, at
   {d["md_temperatures_K"][0]:.0f}–{d["md_temperatures_K"][-1]:.0f} K and mild
   deformations. Other chemistry, condensed phases, intermolecular contacts, periodic
   cells, bond breaking, ions and radicals are outside its domain: expect errors of

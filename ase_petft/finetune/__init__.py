@@ -132,11 +132,13 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     if not os.access(output_dir, os.W_OK):
         raise ConfigError(f"output_dir {str(output_dir)!r} is not writable; choose another")
     remove_leftovers(output_dir)
+    prepared = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".scratch-") as scratch:
             trained = engine.train(run, scratch_dir=scratch, progress=progress,
                                    reuse_rows_from=[checkpoint.parent, *map(pathlib.Path,
                                                                             reuse_rows_from)])
+        fitted = time.perf_counter()
         paths = write_generation(trained, output_dir, export=export)
         if trained.row_cache is not None:
             rowcache.save(output_dir, trained.row_cache)
@@ -148,6 +150,9 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
             f"failed: {type(exc).__name__}: {exc}"
         ) from exc
     wall = time.perf_counter() - start
+    # where the time went: loading + checks, training (and validation), writing + export
+    trained.metrics["timing_s"] = {"prepare": prepared - start, "train": fitted - prepared,
+                                   "write": wall - (fitted - start)}
     result = FineTuneResult(
         generation=generation, checkpoint_path=paths[0], model_path=paths[1],
         n_train=trained.n_train, n_val=trained.n_val, metrics=trained.metrics,
