@@ -340,6 +340,13 @@ class FineTunableCalculator(Calculator):
         self._check_atoms(atoms, ())
         return self._uncertainty.per_atom([atoms])[0]
 
+    def model_copy(self):
+        """A trainable deep copy of the live PET module (all variants, this
+        calculator's device), taken under the swap lock: what an in-process refit
+        starts from without a round trip through a checkpoint file."""
+        with self._lock:
+            return _metatrain.copy_model(self._model)
+
     def save_checkpoint(self, path: os.PathLike | str) -> pathlib.Path:
         """Write the current weights (all variants) as a metatrain checkpoint."""
         with self._lock:

@@ -477,6 +477,31 @@ def test_finetune_calculator_hot_swaps_and_matches_metatomic(emt_checkpoint, tmp
     np.testing.assert_allclose(other.get_forces(), probe.get_forces(), rtol=1e-5, atol=1e-5)
 
 
+def test_calculator_refit_trains_a_copy_of_the_live_model(emt_checkpoint, tmp_path):
+    """calc.finetune() starts from the live weights in memory (no checkpoint round trip)
+    and trains them (the live model is export-frozen): the same result as finetune()
+    from a checkpoint of those weights, and the calculator then runs what it wrote."""
+    from ase_petft import FineTunableCalculator
+
+    calc = FineTunableCalculator(emt_checkpoint, variant=NEW, workdir=tmp_path / "work")
+    frames = level_frames(6, seed=3, calc=ReparamEMT)
+    saved = calc.save_checkpoint(tmp_path / "live.ckpt")  # oracle: the same weights, by file
+    config = FineTuneConfig(method="full", num_epochs=2, seed=0)
+    result = calc.finetune(frames, config)
+    from_file = finetune(saved, frames, variant=NEW, config=config, output_dir=tmp_path / "file")
+    written = sorted(p.name for p in result.checkpoint_path.parent.iterdir())
+    assert not [name for name in written if name.endswith(".ckpt") and name != "model.ckpt"]
+    for key, value in from_file.metrics["after"].items():
+        assert result.metrics["after"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert result.metrics["after"] != result.metrics["before"]  # it trained
+    probe = level_frames(1, seed=22)[0]
+    probe.calc = calc
+    reference = predictions(result.checkpoint_path, [probe], NEW)[0]
+    assert probe.get_potential_energy() == pytest.approx(reference["energy"], rel=1e-5,
+                                                         abs=2e-5)
+    np.testing.assert_allclose(probe.get_forces(), reference["forces"], rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoint_accepted_by_mtt_export_and_eval(emt_checkpoint, tmp_path):
     import ase.io
 

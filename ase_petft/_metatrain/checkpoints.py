@@ -84,6 +84,17 @@ def load_model(path: os.PathLike | str):
     return model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))
 
 
+def copy_model(model, *, device=None):
+    """A trainable deep copy of a PET module (e.g. a calculator's live model, which
+    export left in eval mode with ``requires_grad=False``), on ``device``."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for parameter in clone.parameters():
+        parameter.requires_grad_(True)
+    return clone if device is None else clone.to(device)
+
+
 def checkpoint_dict(model) -> Dict[str, Any]:
     """A metatrain checkpoint dict of ``model`` (readable by ``mtt export/eval``)."""
     with preserved_logger_class():

@@ -106,11 +106,12 @@ def finetune(checkpoint: os.PathLike | str, frames, *, variant: str,
 def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output_dir,
                         replay=None, generation=None, progress=None, export=True,
                         overwrite=False, validation=None, ignore_frame_variants=False,
-                        reuse_rows_from=(), device=None):
+                        reuse_rows_from=(), device=None, source_model=None):
     """:func:`finetune`, also returning the trained PET module (in-process callers
     swap it into a calculator without reading the checkpoint back). ``reuse_rows_from``:
     more generation folders whose heads rows may be reused (besides the input
-    checkpoint's folder, see :mod:`.rowcache`)."""
+    checkpoint's folder, see :mod:`.rowcache`). ``source_model``: the weights of
+    ``checkpoint`` in memory (trained on a copy; the checkpoint is not read)."""
     from . import prepare, rowcache, run as engine
 
     start = time.perf_counter()
@@ -124,7 +125,7 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     run = prepare.prepare_run(checkpoint, frames, variant=variant, config=config,
                               replay=replay, validation=validation,
                               ignore_frame_variants=ignore_frame_variants,
-                              device=resolve_device(device))
+                              device=resolve_device(device), source_model=source_model)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -170,24 +171,21 @@ def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *
     """Fine-tune the live model of ``calc`` and hot-swap the result into it.
 
     Training starts from the calculator's *current* generation (its live weights,
-    including a variant it created), the trained weights are copied into the same
-    calculator object (``calc.generation`` += 1) without re-exporting it. The
-    generation directory defaults to ``<calc workdir or a temp dir>/gen-XXXX``.
+    including a variant it created), on the calculator's device, from a copy of the
+    live model (no checkpoint is read back); the trained module's weights are copied
+    into the same calculator object (``calc.generation`` += 1). The generation
+    directory (checkpoint, export, metrics: the crash-safe record) defaults to
+    ``<calc workdir or a temp dir>/gen-XXXX``.
     """
     config = FineTuneConfig() if config is None else config
     generation = int(calc.generation) + 1
     if output_dir is None:
         output_dir = _default_generation_dir(calc, generation)
-    output_dir = pathlib.Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    source = output_dir / "input.ckpt"
-    calc.save_checkpoint(source)
-    result = finetune(source, frames, variant=calc.variant, config=config,
-                      output_dir=output_dir, replay=replay, generation=generation,
-                      progress=progress, export=True, device=calc.device)
-    # from the written checkpoint, so that the running model equals it exactly (the
-    # in-memory module after export differs by float32 rounding)
-    swapped = calc.swap_model(result.checkpoint_path)
+    result, model = finetune_with_model(
+        calc.checkpoint_path, frames, variant=calc.variant, config=config,
+        output_dir=output_dir, replay=replay, generation=generation, progress=progress,
+        export=True, device=calc.device, source_model=calc.model_copy())
+    swapped = calc.swap_model(result.checkpoint_path, model=model)
     if swapped != generation:
         logger.warning("calculator reports generation %d after the swap, expected %d",
                        swapped, generation)

@@ -39,10 +39,13 @@ class Run:
 # ---------------------------------------------------------------------- preparation
 def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
                 config: FineTuneConfig, replay, validation=None,
-                ignore_frame_variants: bool = False, device: str = "cpu") -> Run:
+                ignore_frame_variants: bool = False, device: str = "cpu",
+                source_model=None) -> Run:
     """Check everything and split the labels. With ``validation`` (labelled frames of
     ``variant`` that are never trained on, e.g. a learner's held-out labels) there is
-    no split at all: every frame trains and ``validation`` selects and reports."""
+    no split at all: every frame trains and ``validation`` selects and reports.
+    ``source_model``: the weights of ``checkpoint`` already in memory (a calculator's
+    live model, possibly with a variant it created): trained on a copy, not read."""
     _metatrain.import_metatrain()
     groups = group_by_variant(frames, variant=variant, replay=replay,
                               ignore_frame_variants=ignore_frame_variants)
@@ -52,12 +55,15 @@ def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
             f"need at least min_frames={config.min_frames}; label more structures "
             "first (or lower FineTuneConfig.min_frames)"
         )
-    try:
-        with _metatrain.routed_logs(), _metatrain.seeded(config.seed):
-            model = _metatrain.load_model(checkpoint)  # building a PET draws random numbers
-    except CheckpointError as exc:
-        raise CheckpointError(f"cannot fine-tune {str(checkpoint)!r}: {exc}") from exc
-    model = model.to(device)
+    if source_model is not None:
+        model = _metatrain.copy_model(source_model, device=device)
+    else:
+        try:
+            with _metatrain.routed_logs(), _metatrain.seeded(config.seed):
+                model = _metatrain.load_model(checkpoint)  # building a PET draws random numbers
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot fine-tune {str(checkpoint)!r}: {exc}") from exc
+        model = model.to(device)
     _check_elements(model, groups)
     parent = _check_variants(model, groups, variant, config)
     rng = np.random.default_rng(config.seed)
