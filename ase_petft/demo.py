@@ -32,20 +32,23 @@ __all__ = ["DemoSettings", "DemoReport", "run_demo", "demo_molecule"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoSettings:
-    """Knobs of the demo (defaults: well under 3 minutes on 2 CPU cores)."""
+    """Knobs of the demo (defaults: under 2 minutes on 2 CPU cores)."""
 
-    steps: int = 600
+    # 1 ps: 24 labels at least 60 steps (30 fs) apart spread over most of it, so the
+    # background refits land during the run (600 steps with labels 20 apart used only
+    # the first 4 labels before the run ended: 0.58-0.75x zero-shot over 3 seeds)
+    steps: int = 2000
     checkpoints: int = 6
     threshold_eV_per_atom: float = 0.01
-    min_gap: int = 20
+    min_gap: int = 60
     max_gap: int = 200
     refit_every: int = 4
     max_labels: int = 24
     n_holdout: int = 12
     temperature_K: float = 400.0
     timestep_fs: float = 0.5
-    # full: measured on the held-out demo molecule, 24 GFN2 labels, heads-only refits
-    # reached 0.65x the zero-shot force error and full 0.34x (issue 11, BENCHMARKS.md)
+    # full: with the earlier g2-only backbone, 24 GFN2 labels, heads-only refits reached
+    # 0.65x the zero-shot force error and full 0.34x (BENCHMARKS.md)
     method: str = "full"
     background: bool = True
     seed: int = 0
@@ -206,7 +209,7 @@ def _run_with_checkpoints(dyn, calc, learner, holdout, settings: DemoSettings):
         dyn.run(steps)
         md_time += time.perf_counter() - t0
         if index == settings.checkpoints - 1:
-            learner.wait()  # the last refit lands before the final score
+            learner.flush()  # a last refit on every label, landed before the final score
         rows.append({
             "time_ps": dyn.nsteps * settings.timestep_fs / 1000.0,
             "oracle_calls": learner.reference_calls,

@@ -818,7 +818,8 @@ def stage_train(plan: Plan, workdir: pathlib.Path, args, description: str) -> di
     info = {"train_time_s": round(t_train, 1), "device": args.device, "threads": args.threads,
             "hardware": hardware, "num_epochs": plan.num_epochs,
             "batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
-            "energy_weight": plan.energy_weight, "command": reproduce_command(args)}
+            "energy_weight": plan.energy_weight, "hypers": dict(MODEL_HYPERS),
+            "command": reproduce_command(args)}
     (workdir / "train.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"[train] done in {t_train:.0f} s", flush=True)
     return info
@@ -968,7 +969,7 @@ def stage_evaluate(plan: Plan, workdir: pathlib.Path, out_dir: pathlib.Path, des
         },
         "model": {
             "architecture": "pet",
-            "hypers": MODEL_HYPERS,
+            "hypers": train_info.get("hypers", MODEL_HYPERS),
             "n_parameters": n_trainable_parameters(checkpoint),
             "dtype": "float32",
         },
@@ -1159,7 +1160,7 @@ molecule the same with {d["extra_frames_per_trajectory"]} snapshots per temperat
 {d["extra_equilibration_steps"]} steps, and {d["extra_deformed_per_molecule"]} deformed copies.
 {d["n_train"]} training and {d["n_val"]} validation frames (random split). Test frames:
 {d["n_test_train_molecules"]} frames of independent {card["demo_temperature_K"]:.0f} K
-GFN1-xTB trajectories of the training molecules (2 per enumerated molecule)
+GFN1-xTB trajectories of the training molecules (2 per enumerated molecule).
 
 **Held out** (in no training or validation frame): {", ".join(
         f"`{n}` ({c})" for n, c in card["held_out_molecules"].items())}; `{demo}` is the

@@ -114,6 +114,31 @@ def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
     assert meta["holdout"] is True  # the first label judges refits and calibrates σ
 
 
+def test_flush_refits_on_the_labels_left_over(run):
+    """Labels that arrived after the last refit (fewer than refit_every) are trained on
+    by flush() at the end of a run, and nothing happens when none are left."""
+    calc, atoms, buffer, workdir = run
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
+                              background=True, workdir=workdir, holdout_fraction=0.25,
+                              tolerance=10.0, config=FineTuneConfig(keep_parent_unless_better=False),
+                              gate=GateConfig(probe_steps=0, harm_factor=1e9))
+    dyn = _langevin(atoms)
+    learner.attach(dyn, interval=1)
+    dyn.run(12)  # 6 labels: one refit (at 4), 2 left over
+    learner.wait()
+    starts = [r for r in learner.history if r["event"] == "refit_start"]
+    assert len(starts) == 1 and len(buffer) == 6
+    learner.flush()
+    starts = [r for r in learner.history if r["event"] == "refit_start"]
+    assert len(starts) == 2
+    assert starts[-1]["n_train"] + starts[-1]["n_holdout"] == len(buffer)
+    decided = [r for r in learner.history if r["event"] in ("swap", "refit_rejected")]
+    assert len(decided) == 2 and not learner.refit_in_progress
+    learner.flush()  # nothing new: no refit
+    assert len([r for r in learner.history if r["event"] == "refit_start"]) == 2
+    learner.close()
+
+
 def test_background_refit_lets_md_go_on(run):
     calc, atoms, buffer, workdir = run
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=6,

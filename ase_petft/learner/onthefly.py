@@ -396,10 +396,11 @@ class OnTheFlyLearner:
             logger.warning("could not fit the uncertainty: %s", exc)
 
     # ------------------------------------------------------------------ refits
-    def _maybe_refit(self) -> None:
+    def _maybe_refit(self, *, force: bool = False) -> None:
         if self._future is not None:
             return
-        if self._n_labels - self._labels_at_refit < self.refit_every:
+        new_labels = self._n_labels - self._labels_at_refit
+        if new_labels < (1 if force else self.refit_every):
             return
         train, holdout = self._split()
         if len(train) < max(2, self.config.min_frames):
@@ -584,6 +585,16 @@ class OnTheFlyLearner:
         if self._future is not None:
             concurrent.futures.wait([self._future], timeout=timeout)
             self._collect_refit()
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """The end-of-run refit: wait for a refit in flight, then refit once more on
+        every label that arrived since the last refit started (fewer than
+        ``refit_every`` are enough), judged by the same gate, and wait for it. Call it
+        from the simulation's thread after the last step, so that no paid-for label
+        is left untrained."""
+        self.wait(timeout)
+        self._maybe_refit(force=True)
+        self.wait(timeout)
 
     def close(self, *, abandon: bool = False) -> None:
         """Finish a refit in flight (or, with ``abandon=True``, leave it: it is never
