@@ -75,14 +75,19 @@ def run(emt_checkpoint, tmp_path):
     buffer.close()
 
 
+def _accepting_learner(calc, buffer, workdir, *, background):
+    """Labels every 2nd step, refits every 4 labels, accepts every refit (swaps are
+    under test, not the gate): the tiny test PET would otherwise keep its head (LOSO)
+    and its refits fail the do-no-harm bound."""
+    return OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
+                           background=background, workdir=workdir, holdout_fraction=0.25,
+                           tolerance=10.0, config=FineTuneConfig(keep_parent_unless_better=False),
+                           gate=GateConfig(probe_steps=0, harm_factor=1e9))
+
+
 def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
     calc, atoms, buffer, workdir = run
-    # accept every refit (swaps are under test, not the gate): the tiny test PET would
-    # otherwise keep its head (LOSO) and its refits fail the do-no-harm bound
-    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
-                              background=False, workdir=workdir, holdout_fraction=0.25,
-                              tolerance=10.0, config=FineTuneConfig(keep_parent_unless_better=False),
-                              gate=GateConfig(probe_steps=0, harm_factor=1e9))
+    learner = _accepting_learner(calc, buffer, workdir, background=False)
     dyn = _langevin(atoms)
     dyn.attach(learner, interval=1)
     dyn.run(24)
@@ -118,10 +123,7 @@ def test_flush_refits_on_the_labels_left_over(run):
     """Labels that arrived after the last refit (fewer than refit_every) are trained on
     by flush() at the end of a run, and nothing happens when none are left."""
     calc, atoms, buffer, workdir = run
-    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
-                              background=True, workdir=workdir, holdout_fraction=0.25,
-                              tolerance=10.0, config=FineTuneConfig(keep_parent_unless_better=False),
-                              gate=GateConfig(probe_steps=0, harm_factor=1e9))
+    learner = _accepting_learner(calc, buffer, workdir, background=True)
     dyn = _langevin(atoms)
     learner.attach(dyn, interval=1)
     dyn.run(12)  # 6 labels: one refit (at 4), 2 left over
