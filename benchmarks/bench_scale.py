@@ -203,7 +203,8 @@ def main() -> None:
 
 def print_tables(jac, rows, mtt_wall, args) -> None:
     print(f"\ndevice {args.device}, torch threads {os.environ.get('OMP_NUM_THREADS', '1')}")
-    print(f"{'Jacobian':34s} {'wall s':>7s} {'peak RSS GiB':>12s} {'GPU GiB':>8s}")
+    if jac:
+        print(f"{'Jacobian':34s} {'wall s':>7s} {'peak RSS GiB':>12s} {'GPU GiB':>8s}")
     for kind, mode, data in jac:
         gpu = "" if data["gpu_peak_bytes"] is None else f"{data['gpu_peak_bytes'] / 2**30:8.2f}"
         print(f"{kind + ' (' + str(data['atoms']) + ' atoms), ' + mode + '-wise':34s} "
