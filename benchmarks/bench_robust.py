@@ -2,7 +2,9 @@
 
 An on-the-fly run as a new user would start it: the shipped demo PET (pretrained on
 GFN1-xTB), a new head ``energy/gfn2``, GFN2-xTB as the reference, Langevin MD at 400 K
-of a molecule outside the demo model's training set (glycine by default; any
+of a molecule outside the demo model's training set (acetamide, ``CH3CONH2``, by
+default; the held-out ones are listed in the model card. Glycine, the default before the
+backbone of issue 11, is a training molecule now; ``glycine`` still selects it, and any
 ``ase.build.molecule`` name works), the README's recipe (background refits, heads,
 uncertainty & min_gap | max_gap selection, a label budget). Then, on data the run never
 saw, the final model against zero-shot:
@@ -13,7 +15,7 @@ saw, the final model against zero-shot:
 It also reports the reference calls, every refit's decision (with the reason of each
 rejection), watchdog events and the largest temperature reached.
 
-    python benchmarks/bench_robust.py [--molecule glycine] [--steps 2000] [--seed 0]
+    python benchmarks/bench_robust.py [--molecule CH3CONH2] [--steps 2000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ def run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--molecule", default="glycine")
+    parser.add_argument("--molecule", default="CH3CONH2",
+                        help="held out of the demo model's training: CH3CONH2, HCOOCH3, "
+                        "C4H4O, C3H9N")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--temperature", type=float, default=400.0)
     parser.add_argument("--threshold", type=float, default=0.01)
