@@ -291,6 +291,11 @@ def start_geometry(name: str, kind: str):
     return embed(name, seed=zlib.crc32(name.encode()) ^ SEED)
 
 
+def labelled_md(start, calc, *, name: str, source: str, **md) -> list:
+    """GFN1 labels of the snapshots of one ``md_frames(start, calc, **md)`` trajectory."""
+    return label_all(md_frames(start, calc, **md), calc, {"molecule": name, "source": source})
+
+
 def sample_molecule(job) -> tuple:
     """GFN1 MD + deformed frames of one training molecule, labelled with GFN1, and an
     independent 400 K test trajectory. Runs in a worker process: returns (pool, test, log)."""
@@ -306,34 +311,25 @@ def sample_molecule(job) -> tuple:
     equilibration = plan.extra_equilibration_steps if extra else plan.equilibration_steps
     pool = []
     for temperature in plan.train_temperatures_K:
-        snaps = md_frames(
-            start,
-            calc,
+        pool += labelled_md(
+            start, calc, name=name, source=f"gfn1-md-{temperature:.0f}K",
             temperature_K=temperature,
             n_frames=plan.extra_frames_per_trajectory if extra else plan.frames_per_trajectory,
-            every=plan.sample_every,
-            equilibration=equilibration,
-            rng=rng,
+            every=plan.sample_every, equilibration=equilibration, rng=rng,
         )
-        tag = {"molecule": name, "source": f"gfn1-md-{temperature:.0f}K"}
-        pool += label_all(snaps, calc, tag)
     n_deformed = plan.extra_deformed_per_molecule if extra else plan.deformed_per_molecule
     for snap, source in deformed(start, plan, rng, n_deformed):
         frame = labelled(snap, calc, {"molecule": name, "source": source})
         if frame is not None:
             pool.append(frame)
     # test frames: an independent trajectory at the demo temperature
-    snaps = md_frames(
-        start,
-        calc,
+    test = labelled_md(
+        start, calc, name=name, source=f"gfn1-md-{DEMO_TEMPERATURE_K:.0f}K-test",
         temperature_K=DEMO_TEMPERATURE_K,
         n_frames=plan.extra_test_frames_per_molecule if extra else plan.test_frames_per_molecule,
-        every=plan.test_sample_every,
-        equilibration=equilibration,
+        every=plan.test_sample_every, equilibration=equilibration,
         rng=molecule_rng(name, "test"),
     )
-    tag = {"molecule": name, "source": f"gfn1-md-{DEMO_TEMPERATURE_K:.0f}K-test"}
-    test = label_all(snaps, calc, tag)
     log = (f"  {name:<22s} {len(start):2d} atoms: {len(pool):3d} pool + {len(test)} test "
            f"frames ({time.perf_counter() - t0:.1f} s)")
     return pool, test, log

@@ -7,15 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase import units
-from ase.calculators.emt import EMT
-from ase.md.langevin import Langevin
 
 from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer, finetune
 from ase_petft import _metatrain
-from ase_petft.learner import OnTheFlyLearner, every
-from ase_petft.learner.gate import GateConfig
 from conftest import emt_frames
+from test_learner import _accepting_learner, _langevin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -86,13 +82,8 @@ def test_learner_refits_and_swaps_on_cuda(emt_checkpoint, tmp_path):
     atoms = emt_frames(1, seed=37)[0]
     atoms.calc = calc
     with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer:
-        learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(2), refit_every=4,
-                                  background=False, workdir=tmp_path / "learner",
-                                  holdout_fraction=0.25, tolerance=10.0,
-                                  config=FineTuneConfig(keep_parent_unless_better=False),
-                                  gate=GateConfig(probe_steps=0, harm_factor=1e9))
-        dyn = Langevin(atoms, 1 * units.fs, temperature_K=300, friction=0.02,
-                       rng=np.random.default_rng(0), fixcm=False)
+        learner = _accepting_learner(calc, buffer, tmp_path / "learner", background=False)
+        dyn = _langevin(atoms)
         dyn.attach(learner, interval=1)
         dyn.run(16)
         learner.close()
