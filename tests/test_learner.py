@@ -249,6 +249,65 @@ def test_posterior_sigma_is_calibrated_on_the_held_out_labels(emt_checkpoint):
     assert np.mean(ratios) == pytest.approx(1.0, rel=1e-3)
 
 
+def _without_stress(frames):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for frame in frames:
+        atoms = frame.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=frame.get_potential_energy(),
+                                           forces=frame.get_forces())
+        out.append(atoms)
+    return out
+
+
+def test_posterior_precision_is_the_heads_refits_normal_matrix(emt_checkpoint, monkeypatch):
+    """The posterior is Bayesian regression on the heads refit's own rows (energy per
+    atom and forces, the latter weighted by FORCE_ROWS): its precision AᵀWA + λI, along
+    random directions v of the last-layer weights, equals what the model's predictions
+    say once moved by v — exact, since they are linear in those weights:
+    vᵀAᵀWAv = Σ_s (ΔE_s/N_s)² + FORCE_ROWS |ΔF_s|²/(3 N_s). Labels added
+    one fit at a time give the same matrix as all at once, and after a heads refit (same
+    backbone) only the new label's rows are computed."""
+    import copy
+
+    from ase_petft import _metatrain
+    from ase_petft.uncertainty import FORCE_ROWS
+
+    train, held = _without_stress(emt_frames(5, seed=1)), emt_frames(3, seed=2)
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    for n in range(2, len(train) + 1):
+        calc.fit_uncertainty(train[:n], held)
+    precision = np.linalg.inv(calc.uncertainty_state()["inverse"])
+    at_once = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    at_once.fit_uncertainty(train, held)
+    np.testing.assert_allclose(np.linalg.inv(at_once.uncertainty_state()["inverse"]),
+                               precision, rtol=1e-6, atol=1e-9 * np.abs(precision).max())
+
+    model, variant = calc.model, calc.variant
+    before = _metatrain.predict(model, train, variant, stress=False)
+    rng = np.random.default_rng(0)
+    n_par = len(_metatrain.last_layer_vector(model, variant))
+    for _ in range(3):
+        v = rng.normal(scale=0.1, size=n_par)
+        moved = copy.deepcopy(model)
+        _metatrain.apply_heads_update(moved, variant, v)
+        after = _metatrain.predict(moved, train, variant, stress=False)
+        expected = sum(((a["energy"] - b["energy"]) / len(f)) ** 2
+                       + FORCE_ROWS * np.sum((a["forces"] - b["forces"]) ** 2) / (3 * len(f))
+                       for a, b, f in zip(after, before, train))
+        assert v @ precision @ v == pytest.approx(expected, rel=1e-2)
+
+    calc.finetune(emt_frames(6, seed=5), FineTuneConfig(keep_parent_unless_better=False))
+    assert calc.generation == 1
+    computed = []
+    real_rows = _metatrain.heads_rows
+    monkeypatch.setattr(_metatrain, "heads_rows", lambda model, variant, labels, **kw:
+                        computed.append(len(labels)) or real_rows(model, variant, labels, **kw))
+    calc.fit_uncertainty(train + held[:1], held[1:])
+    assert computed == [1]
+
+
 def _run_script(checkpoint, workdir, steps, refit_every, *, kill_after=None):
     cmd = [sys.executable, str(HERE / "_learner_run.py"), str(checkpoint), str(workdir),
            str(steps), str(refit_every)]

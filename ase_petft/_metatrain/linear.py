@@ -62,16 +62,18 @@ def last_layer_vector(model, variant: str) -> np.ndarray:
                            for _, p in last_layer_parameters(model, variant)])
 
 
-def backbone_fingerprint(model, variant: str) -> str:
+def backbone_fingerprint(model, variant: str, *, additive: bool = True) -> str:
     """Hash of every tensor of the model except ``variant``'s last layers: heads rows
     (the Jacobians) computed under one fingerprint stay exact under any last-layer
-    weights, since the energy is linear in them."""
+    weights, since the energy is linear in them. ``additive=False`` also leaves out the
+    additive models (composition offsets, ZBL): they add terms independent of the last
+    layers, so the rows' derivatives do not change with them (their residuals do)."""
     import hashlib
 
     skip = {name for name, _ in last_layer_parameters(model, variant)}
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
-        if name in skip:
+        if name in skip or (not additive and name.startswith("additive_models.")):
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
