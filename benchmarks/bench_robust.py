@@ -122,9 +122,11 @@ def run(args) -> dict:
     with LabelBuffer(workdir / "labels.h5", mode="w-") as buffer:
         learner = OnTheFlyLearner(
             calc, gfn2, buffer, workdir=workdir / "learner",
-            select=(uncertainty_above(args.threshold) & min_gap(20)) | max_gap(200),
-            refit_every=5, max_labels=args.max_labels, background=True,
-            config=FineTuneConfig(method=args.method, seed=args.seed))
+            select=(uncertainty_above(args.threshold) & min_gap(args.min_gap)) | max_gap(200),
+            refit_every=args.refit_every, max_labels=args.max_labels, background=True,
+            config=FineTuneConfig(method=args.method, seed=args.seed,
+                                  **({} if args.learning_rate is None else
+                                     {"learning_rate": args.learning_rate})))
         dyn = langevin(atoms, args.temperature, args.seed)
         learner.attach(dyn)
         dyn.attach(lambda: temperatures.append(atoms.get_temperature()), interval=10)
@@ -138,16 +140,19 @@ def run(args) -> dict:
 
         dyn.attach(clock, interval=1)
         dyn.run(args.steps)
+        if args.flush:
+            learner.flush()
         learner.close()
     wall = time.perf_counter() - start
     after = {"md": calculator_errors(md_set, calc), "rattled": calculator_errors(rattled_set, calc)}
     events = collections.Counter(row["event"] for row in learner.history)
     rejections = [row.get("reason") for row in learner.history if row["event"] == "refit_rejected"]
+    swaps = [row.get("reason") for row in learner.history if row["event"] == "swap"]
     times, flags = np.array(step_times[1:]), np.array(during[1:], dtype=bool)
     pace = (1e3 * float(np.median(times[flags])) if flags.any() else float("nan"),
             1e3 * float(np.median(times[~flags])) if (~flags).any() else float("nan"),
             int(flags.sum()))
-    return dict(before=before, after=after, events=events, rejections=rejections, pace=pace,
+    return dict(before=before, after=after, events=events, rejections=rejections, swaps=swaps, pace=pace,
                 plain=plain,
                 calls=learner.reference_calls, generation=calc.generation,
                 t_max=max(temperatures, default=float("nan")), wall=wall, workdir=workdir)
@@ -162,6 +167,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=400.0)
     parser.add_argument("--threshold", type=float, default=0.01)
     parser.add_argument("--max-labels", type=int, default=24)
+    parser.add_argument("--min-gap", type=int, default=60)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="FineTuneConfig.learning_rate (default: its own)")
+    parser.add_argument("--refit-every", type=int, default=4)
+    parser.add_argument("--no-flush", dest="flush", action="store_false",
+                        help="skip the end-of-run refit on the labels left over")
     parser.add_argument("--method", default="heads", choices=("heads", "full"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -186,6 +197,8 @@ def main() -> None:
     print("events:", dict(out["events"]))
     for reason in out["rejections"]:
         print("  rejected:", reason)
+    for reason in out["swaps"]:
+        print("  accepted:", reason)
 
 
 if __name__ == "__main__":
