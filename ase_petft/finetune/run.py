@@ -56,12 +56,13 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
     with _metatrain.seeded(config.seed):
         if run.parent is not None and config.new_variant_baseline == "residual":
             _create_variant(run)
-        elif config.new_variant_baseline == "residual" and config.effective_solver == "linear":
+        elif config.new_variant_baseline == "residual":
             # a head a calculator created (a learner's generation 0) and no refit fitted
             # yet: the closed-form solve, pulled toward the parent head, would otherwise
-            # have to absorb the offset between the levels (measured: 1-2.7 eV/atom left).
-            # Not before SGD: there it made `petft demo`'s full refits worse (forces
-            # 0.54 -> 0.68 of zero-shot over 3 seeds); metatrain's training learns it.
+            # have to absorb the offset between the levels (measured: 1-2.7 eV/atom left),
+            # and SGD would spend its first epochs (and the backbone) on it: on four
+            # molecules held out of the demo model's training, full refits without this
+            # correction ended worse than zero-shot on two (BENCHMARKS.md, issue 10)
             twin = _untouched_copy_of(model, run.variant)
             if twin is not None:
                 _correct_composition(run, twin)
