@@ -9,8 +9,11 @@ linear in the last-layer weights θ, which is what the closed-form heads refit s
   periodic labels) per labelled structure, weighted like the refit's loss, the force
   and stress rows at ``FORCE_ROWS`` (1 %) of that weight.
   σ²(x) = s² φ̂(x)ᵀ (AᵀWA + λI)⁻¹ φ̂(x) with φ̂ = φ/N, λ = ``PRIOR`` × the mean
-  eigenvalue of AᵀWA, and s² calibrated (maximum likelihood) on held-out labels: σ is
-  in eV/atom and means "expected |error|" on data like the held-out labels. The force
+  eigenvalue of AᵀWA, and s² calibrated (maximum likelihood) on held-out labels, less
+  their best per-element energy offset (the offset between two levels of theory, which
+  a refit's composition fit removes and which moves no force): σ is in eV/atom and means
+  "expected |error| beyond a constant per-element offset" on data like the held-out
+  labels. The force
   rows make the posterior full-rank from a handful of labels (energy rows alone span
   one direction per label), and weighted down they do not make it over-confident;
   measured on four held-out molecules it ranks errors better than the energy-only
@@ -182,7 +185,8 @@ class EnergyUncertainty:
         predicted = self._calc_energies(atoms)
         residual = np.array([(p - label.energy) / label.n_atoms
                              for p, label in zip(predicted, self._calibration)])
-        scale2 = float(np.mean(residual ** 2 / np.maximum(raw, 1e-300)))
+        residual, dof = _without_level_offset(residual, atoms)
+        scale2 = float(np.sum(residual ** 2 / np.maximum(raw, 1e-300)) / dof)
         self._posterior = (inverse, scale2)
 
     def _normal_matrix(self) -> np.ndarray:
@@ -245,6 +249,21 @@ class EnergyUncertainty:
         inverse, scale2 = self._posterior
         raw = self._raw_variance(self._phi(list(atoms_list)), inverse)
         return [float(np.sqrt(scale2 * v)) for v in raw]
+
+
+def _without_level_offset(residual: np.ndarray, atoms_list) -> tuple:
+    """Per-atom residuals less their best per-element offset, and the degrees of freedom
+    left. A head for a new level of theory starts ~eV/atom away from its labels (the
+    offset between the levels), which its first refit's composition fit removes and
+    which moves neither forces nor dynamics: σ calibrated on it would flag every
+    structure alike. With no more labels than elements to fit, nothing is removed."""
+    types = sorted({int(z) for atoms in atoms_list for z in atoms.numbers})
+    fractions = np.array([[np.mean(atoms.numbers == z) for z in types] for atoms in atoms_list])
+    rank = np.linalg.matrix_rank(fractions)
+    if len(residual) <= rank:
+        return residual, len(residual)
+    offset, *_ = np.linalg.lstsq(fractions, residual, rcond=None)
+    return residual - fractions @ offset, len(residual) - rank
 
 
 def _row_key(label) -> str:
