@@ -69,6 +69,7 @@ class EnergyUncertainty:
         self._energies: Dict[str, float] = {}  # structure key -> predicted E (this generation)
         self._posterior = None  # (inverse matrix, calibration factor s²)
         self._gram = None  # (backbone fingerprint, AᵀWA, structure keys it holds)
+        self._converted: Dict[int, tuple] = {}  # id(frame) -> (frame, Label) of the last fit
         self._fingerprint = (None, None)  # (generation, backbone fingerprint)
         self._llpr = None
         self._train = None
@@ -111,16 +112,33 @@ class EnergyUncertainty:
         """Fit on labelled ``frames`` of the calculator's variant; calibrate on
         ``calibration`` (held-out labels; default: ``frames`` themselves, which makes
         σ optimistic)."""
-        from .labels import labels_from_frames
-
-        train = labels_from_frames(frames)
         if calibration is None:
             logger.info("calibrating the uncertainty on its own training frames")
             calibration = frames
-        self._train = train
-        self._calibration = labels_from_frames(calibration)
+        converted: Dict[int, tuple] = {}
+        self._train = self._labels(frames, converted)
+        self._calibration = self._labels(calibration, converted)
+        self._converted = converted
         self._loaded = False
         self._refit()
+
+    def _labels(self, frames, converted: Dict[int, tuple]) -> list:
+        """Labels of ``frames``, each frame object converted once (the learner passes
+        its growing list of frames after every label: converting all of them each time
+        made the per-label cost grow with the labels); a frame changed in place since is
+        converted again."""
+        from .labels import labels_from_frames, to_label
+
+        if isinstance(frames, (str, bytes)) or not hasattr(frames, "__iter__"):
+            return labels_from_frames(frames)  # raises the usual TrainingDataError
+        out = []
+        for i, frame in enumerate(frames):
+            hit = converted.get(id(frame)) or self._converted.get(id(frame))
+            if hit is None or hit[0] is not frame or not _unchanged(hit[1], frame):
+                hit = (frame, to_label(frame, i))
+            converted[id(frame)] = hit
+            out.append(hit[1])
+        return out
 
     def _refit(self) -> None:
         from . import _metatrain
@@ -264,6 +282,17 @@ def _without_level_offset(residual: np.ndarray, atoms_list) -> tuple:
         return residual, len(residual)
     offset, *_ = np.linalg.lstsq(fractions, residual, rcond=None)
     return residual - fractions @ offset, len(residual) - rank
+
+
+def _unchanged(label, frame) -> bool:
+    """Whether ``label`` still describes ``frame`` (structure and energy label)."""
+    from .labels import results_of
+
+    atoms = label.atoms
+    return (len(atoms) == len(frame) and np.array_equal(atoms.numbers, frame.numbers)
+            and np.array_equal(atoms.positions, frame.positions)
+            and np.array_equal(atoms.cell.array, frame.cell.array)
+            and results_of(frame).get("energy") == label.energy)
 
 
 def _row_key(label) -> str:

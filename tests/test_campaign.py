@@ -159,7 +159,9 @@ def test_a_failing_reference_on_one_walker_does_not_stop_the_other(emt_checkpoin
     assert result.walkers["large"]["error"] is None and result.walkers["small"]["error"] is None
     assert result.walkers["large"]["steps"] == 60 == result.walkers["small"]["steps"]
     by_walker = {n: sum(a.info["walker"] == n for a in frames) for n in ("small", "large")}
-    assert by_walker["small"] >= 5 and by_walker["large"] >= 3  # both went on labelling
+    # both went on labelling (how many of its every(6) requests a walker gets answered
+    # depends on the coordinator's pace: one request in flight per walker)
+    assert by_walker["small"] >= 3 and by_walker["large"] >= 3
     history = wd.read_history(tmp_path / "campaign")
     failed = [r for r in history if r["event"] == "label_failed"]
     assert [r["walker"] for r in failed] == ["large", "large"]

@@ -155,6 +155,8 @@ class Campaign:
             max_labels=max_labels, workdir=workdir, executor=refit_executor,
             tolerance=tolerance, properties=tuple(properties), refit_threads=refit_threads,
             gate=gate, reference_timeout=reference_timeout)
+        # the walkers' policy, not the coordinator's never(), says whether σ is needed
+        self.learner._needs_uncertainty = self.select.expensive
         self.workdir = self.learner.workdir
         self.reference, self.max_labels = reference, max_labels
         self._label_executor = label_executor

@@ -123,6 +123,9 @@ class OnTheFlyLearner:
         self._harm = None
         self.calc, self.reference, self.buffer = calc, reference, buffer
         self.select = select if select is not None else every(10)
+        # the uncertainty is refitted after every label only for a policy that asks for
+        # it (``uncertainty_above``): its force Jacobian per label is wasted otherwise
+        self._needs_uncertainty = self.select.expensive
         self.refit_every, self.background = int(refit_every), bool(background)
         self.config = config if config is not None else FineTuneConfig()
         self.holdout_fraction, self.max_labels = float(holdout_fraction), max_labels
@@ -383,6 +386,8 @@ class OnTheFlyLearner:
         return train, holdout
 
     def _refit_uncertainty(self, frames=None) -> None:
+        if not self._needs_uncertainty:
+            return
         frames = self._frames() if frames is None else frames
         train = [a for a in frames if not a.info.get("holdout")]
         holdout = [a for a in frames if a.info.get("holdout")]
