@@ -255,6 +255,40 @@ def test_posterior_sigma_is_calibrated_on_the_held_out_labels(emt_checkpoint):
     assert np.sum((shape / np.array(sigmas)) ** 2) / (len(errors) - 2) == pytest.approx(1.0, rel=1e-3)
 
 
+def _copies(frames):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for frame in frames:
+        atoms = frame.copy()
+        atoms.calc = SinglePointCalculator(atoms, **frame.calc.results)
+        out.append(atoms)
+    return out
+
+
+def test_uncertainty_refit_sees_frames_changed_in_place(emt_checkpoint):
+    """Labels are converted once per frame object between fits (the learner passes its
+    growing list after every label); a frame relabelled in place must not keep its old
+    label: σ equals that of a fresh calculator fitted on copies of the changed frames."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    train, held = emt_frames(6, seed=1), emt_frames(3, seed=2)
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    calc.fit_uncertainty(train, held)
+    moved = held[0]
+    moved.positions += 0.05
+    moved.calc = EMT()
+    moved.calc = SinglePointCalculator(moved, energy=moved.get_potential_energy(),
+                                       forces=moved.get_forces(), stress=moved.get_stress())
+    calc.fit_uncertainty(train, held)
+    fresh = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    fresh.fit_uncertainty(_copies(train), _copies(held))
+    probe = emt_frames(1, seed=9)[0]
+    assert calc.get_energy_uncertainty(probe) == pytest.approx(
+        fresh.get_energy_uncertainty(probe), rel=1e-9)
+
+
 def _without_stress(frames):
     from ase.calculators.singlepoint import SinglePointCalculator
 
