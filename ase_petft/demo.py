@@ -47,9 +47,9 @@ class DemoSettings:
     n_holdout: int = 12
     temperature_K: float = 400.0
     timestep_fs: float = 0.5
-    # heads (closed form): on this backbone as good as full on the demo molecule (0.35-0.45
-    # vs 0.31-0.42 of zero-shot over 3 seeds, fewer calls) and, unlike full, never worse
-    # than zero-shot on the other held-out molecules (BENCHMARKS.md, bench_robust.py)
+    # heads (closed form): on the demo molecule 0.32-0.41 of zero-shot over 3 seeds with
+    # 14-16 calls (full: 0.43-0.49, 19-24 calls), seconds per refit instead of tens
+    # (BENCHMARKS.md: petft demo, bench_robust.py)
     method: str = "heads"
     background: bool = True
     seed: int = 0

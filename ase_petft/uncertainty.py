@@ -13,14 +13,13 @@ linear in the last-layer weights θ, which is what the closed-form heads refit s
   their best per-element energy offset (the offset between two levels of theory, which
   a refit's composition fit removes and which moves no force): σ is in eV/atom and means
   "expected |error| beyond a constant per-element offset" on data like the held-out
-  labels. The force
-  rows make the posterior full-rank from a handful of labels (energy rows alone span
-  one direction per label), and weighted down they do not make it over-confident;
-  measured on four held-out molecules it ranks errors better than the energy-only
-  posterior and LLPR (BENCHMARKS.md). A new label costs one
-  Jacobian (its force rows), and the rows' normal matrix is kept while the backbone is
-  unchanged (PET's energy is linear in the last layers, so a heads refit does not
-  change it); a full or LoRA refit recomputes it on all labels.
+  labels. The force rows make the posterior full-rank from a handful of labels (energy
+  rows alone span one direction per label), and weighted down they do not make it
+  over-confident; measured on four held-out molecules it ranks errors better than the
+  energy-only posterior and LLPR (BENCHMARKS.md). A new label costs one Jacobian (its
+  force rows), and the rows' normal matrix is kept while the backbone is unchanged
+  (PET's energy is linear in the last layers, so a heads refit does not change it); a
+  full or LoRA refit recomputes it on all labels.
 - ``"llpr"``: metatrain's LLPR (last-layer prediction rigidity), calibrated the same way
   by metatrain.
 
