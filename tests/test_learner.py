@@ -255,13 +255,14 @@ def test_posterior_sigma_is_calibrated_on_the_held_out_labels(emt_checkpoint):
     assert np.sum((shape / np.array(sigmas)) ** 2) / (len(errors) - 2) == pytest.approx(1.0, rel=1e-3)
 
 
-def _copies(frames):
+def _copies(frames, keys=("energy", "forces", "stress")):
+    """Labelled copies of ``frames`` keeping only the results named in ``keys``."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     out = []
     for frame in frames:
         atoms = frame.copy()
-        atoms.calc = SinglePointCalculator(atoms, **frame.calc.results)
+        atoms.calc = SinglePointCalculator(atoms, **{k: frame.calc.results[k] for k in keys})
         out.append(atoms)
     return out
 
@@ -289,18 +290,6 @@ def test_uncertainty_refit_sees_frames_changed_in_place(emt_checkpoint):
         fresh.get_energy_uncertainty(probe), rel=1e-9)
 
 
-def _without_stress(frames):
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    out = []
-    for frame in frames:
-        atoms = frame.copy()
-        atoms.calc = SinglePointCalculator(atoms, energy=frame.get_potential_energy(),
-                                           forces=frame.get_forces())
-        out.append(atoms)
-    return out
-
-
 def test_posterior_precision_is_the_heads_refits_normal_matrix(emt_checkpoint, monkeypatch):
     """The posterior is Bayesian regression on the heads refit's own rows (energy per
     atom and forces, the latter weighted by FORCE_ROWS): its precision AᵀWA + λI, along
@@ -314,7 +303,7 @@ def test_posterior_precision_is_the_heads_refits_normal_matrix(emt_checkpoint, m
     from ase_petft import _metatrain
     from ase_petft.uncertainty import FORCE_ROWS
 
-    train, held = _without_stress(emt_frames(5, seed=1)), emt_frames(3, seed=2)
+    train, held = _copies(emt_frames(5, seed=1), ("energy", "forces")), emt_frames(3, seed=2)
     calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
     for n in range(2, len(train) + 1):
         calc.fit_uncertainty(train[:n], held)
