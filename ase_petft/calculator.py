@@ -82,6 +82,25 @@ class FineTunableCalculator(Calculator):
         generation: int = 0,
     ) -> None:
         super().__init__()
+        self._configure(checkpoint, variant=variant, inherit_from=inherit_from, device=device,
+                        workdir=workdir, generation=generation)
+        self._start(_metatrain.load_model(self._checkpoint_path), dtype, uncertainty)
+
+    @classmethod
+    def _running(cls, model, *, checkpoint: os.PathLike | str, variant: str,
+                 device: Optional[str] = None) -> "FineTunableCalculator":
+        """A calculator whose live model is ``model`` itself: the PET module that was
+        written as ``checkpoint``, already in memory (an in-process refit's candidate,
+        probed by the gate without reading the file back)."""
+        calc = cls.__new__(cls)
+        Calculator.__init__(calc)
+        calc._configure(checkpoint, variant=variant, inherit_from=None, device=device,
+                        workdir=None, generation=0)
+        calc._start(model, None, "posterior")
+        return calc
+
+    def _configure(self, checkpoint, *, variant, inherit_from, device, workdir,
+                   generation) -> None:
         self._variant = validate_variant(variant)
         self._inherit_from = None if inherit_from is None else validate_variant(inherit_from)
         self._checkpoint_path = pathlib.Path(checkpoint).resolve()
@@ -92,7 +111,8 @@ class FineTunableCalculator(Calculator):
         self._lock = threading.RLock()
         self._device_name = resolve_device(device)
 
-        self._model = _metatrain.load_model(self._checkpoint_path)
+    def _start(self, model, dtype, uncertainty: str) -> None:
+        self._model = model
         self._dtype = _resolve_dtype(dtype, self._model)
         self._created_variant = self._ensure_variant(self._model)
         self._variants = _metatrain.energy_variants(self._model)

@@ -119,6 +119,45 @@ def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
     assert meta["holdout"] is True  # the first label judges refits and calibrates σ
 
 
+def test_in_process_refits_read_no_checkpoint_and_swap_what_they_wrote(run, monkeypatch):
+    """A background refit on a thread trains a copy of the live model, judges it (anchor,
+    stability probe) and swaps the trained module: no checkpoint is read, and the live
+    weights afterwards equal the accepted generation's checkpoint bit for bit."""
+    from ase_petft import _metatrain
+
+    calc, atoms, buffer, workdir = run
+    real_load, read = _metatrain.load_model, []
+
+    def spy(path, *args, **kwargs):
+        read.append(pathlib.Path(path).name)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(_metatrain, "load_model", spy)
+    learner = OnTheFlyLearner(
+        calc, EMT(), buffer, select=every(2), refit_every=3, background=True,
+        workdir=workdir, holdout_fraction=0.25, tolerance=10.0,
+        config=FineTuneConfig(keep_parent_unless_better=False),
+        gate=GateConfig(probe_steps=5, probe_max_drift_eV_per_atom=10.0, harm_factor=1e9))
+    dyn = _langevin(atoms)
+    learner.attach(dyn, interval=1)
+    dyn.run(16)  # 8 labels: a refit after 3, more when it is done
+    learner.wait()
+    learner.flush()  # the labels left over: one more refit, from the swapped generation
+    learner.close()
+    monkeypatch.undo()
+    assert read == []
+    swaps = [r["generation"] for r in learner.history if r["event"] == "swap"]
+    assert len(swaps) >= 2 and calc.generation == swaps[-1]
+    decision = json.loads((workdir / f"gen-{swaps[-1]:04d}" / "decision.json").read_text())
+    assert decision["checks"]["stability"]["passed"]
+    assert "anchor" in decision["checks"]  # judged against the running model in memory
+    written = real_load(workdir / f"gen-{swaps[-1]:04d}" / "model.ckpt").state_dict()
+    live = calc.model.state_dict()
+    assert written.keys() == live.keys()
+    for name, tensor in written.items():
+        assert torch.equal(tensor, live[name]), name
+
+
 def test_flush_refits_on_the_labels_left_over(run):
     """Labels that arrived after the last refit (fewer than refit_every) are trained on
     by flush() at the end of a run, and nothing happens when none are left."""

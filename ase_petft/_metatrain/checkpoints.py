@@ -89,10 +89,19 @@ def copy_model(model, *, device=None):
     export left in eval mode with ``requires_grad=False``), on ``device``."""
     import copy
 
-    clone = copy.deepcopy(model)
-    for parameter in clone.parameters():
-        parameter.requires_grad_(True)
+    clone = thaw(copy.deepcopy(model))
     return clone if device is None else clone.to(device)
+
+
+def thaw(model):
+    """Give every parameter ``requires_grad=True`` again, as in a module read from its
+    checkpoint (export and frozen-backbone training turn it off). Returns ``model``.
+
+    Not only for training: PyTorch takes other CPU kernels for frozen weights, so a frozen
+    module predicts a few float32 roundings (~1e-6 eV) away from its own checkpoint."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model
 
 
 def checkpoint_dict(model) -> Dict[str, Any]:

@@ -48,6 +48,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from .. import _metatrain
 from ..config import FineTuneConfig, FineTuneResult
 from ..errors import ConfigError, FineTuneError, PetftError
 from ..variants import validate_variant
@@ -162,7 +163,9 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
     write_json(output_dir / METRICS_NAME, {**result.to_dict(), "config": config.to_dict()})
     logger.info("fine-tuned %s (%s/%s) in %.1f s: %s", variant, config.method,
                 config.effective_solver, wall, _summary(trained.metrics))
-    return result, trained.model
+    # the module as its checkpoint reads back (export froze it): it predicts bit for bit
+    # what the written checkpoint predicts, so callers swap it in without reading the file
+    return result, _metatrain.thaw(trained.model)
 
 
 def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *,

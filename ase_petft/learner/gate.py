@@ -83,7 +83,12 @@ class RefitSpec:
     tolerance: float
     n_labels_total: int
     device: str = "cpu"  # where the refit runs: the calculator's device
-    preload: bool = True
+    # in-process refits (inline or on a thread): the running generation's weights in
+    # memory (a copy; trained on and judged against without reading its checkpoint),
+    # and the candidate is handed back as a module for the swap. None / False for
+    # process executors, which get paths and send back a decision.
+    source_model: Any = None
+    return_model: bool = True
     anchor: tuple = ()  # labels held out before the first refit: a fixed yardstick
     harm: Optional[HarmSet] = None
     probe_atoms: Any = None  # the simulation's structure (with momenta) at refit time
@@ -128,7 +133,7 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
         output_dir=spec.output_dir, generation=spec.generation,
         validation=list(spec.holdout),  # one hold-out: no second split inside the run
         reuse_rows_from=[spec.output_dir.parent / f"gen-{spec.generation - 1:04d}"],
-        device=spec.device)
+        device=spec.device, source_model=spec.source_model)
     decision: Dict[str, Any] = {
         "generation": spec.generation, "source_generation": spec.source_generation,
         "n_train": len(spec.train), "n_holdout": len(spec.holdout),
@@ -136,6 +141,7 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
         "fit_metrics": dict(result.metrics),
     }
     checks = _judge(spec, model, result.checkpoint_path, decision)
+    _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
     failed = [f"{name}: {text}" for name, (ok, text) in checks.items() if not ok]
     accepted = not failed
     reason = "; ".join(failed) if failed else "; ".join(text for _, text in checks.values())
@@ -146,15 +152,10 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     wd.write_json(spec.output_dir / wd.DECISION, decision)
     if not accepted:
         logger.info("refit %d rejected: %s", spec.generation, reason)
-    # the swap reads the written checkpoint back (here, off the simulation's thread):
-    # the in-memory module, exported for model.pt, predicts ~1e-5 relative away from it
-    # in float32, and the running model must equal its checkpoint
-    preloaded = None
-    if accepted and spec.preload:
-        preloaded = _metatrain.load_model(result.checkpoint_path)
+    # the swap copies the trained module's tensors: they are its checkpoint's, bit for bit
     return RefitOutcome(generation=spec.generation, accepted=bool(accepted), reason=reason,
                         decision=decision, checkpoint_path=result.checkpoint_path,
-                        model=preloaded)
+                        model=model if accepted and spec.return_model else None)
 
 
 def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool, str]]:
@@ -176,7 +177,9 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
             # labels (its validation set), the same way: reuse, do not predict twice
             old, new = fit["before"], fit["after"]
         else:
-            current = current or _metatrain.load_model(spec.source_checkpoint)
+            if current is None:
+                current = (spec.source_model if spec.source_model is not None
+                           else _metatrain.load_model(spec.source_checkpoint))
             old, _ = evaluate_generation(current, list(frames), spec.variant)
             new, _ = evaluate_generation(model, list(frames), spec.variant)
         decision.update({name: {"old": old, "new": new}})
@@ -194,7 +197,7 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
         if not checks["no_harm"][0]:
             return checks
     if spec.probe_atoms is not None and spec.gate.probe_steps > 0:
-        checks["stability"] = _stability_probe(spec, checkpoint)
+        checks["stability"] = _stability_probe(spec, model, checkpoint)
     return checks
 
 
@@ -226,8 +229,9 @@ def _no_harm(spec: RefitSpec, model) -> Tuple[bool, str]:
         f"structures (bound {spec.gate.harm_factor:g}× that)")
 
 
-def _stability_probe(spec: RefitSpec, checkpoint) -> Tuple[bool, str]:
-    """Short NVE MD with the candidate from the current structure."""
+def _stability_probe(spec: RefitSpec, model, checkpoint) -> Tuple[bool, str]:
+    """Short NVE MD with the candidate (``model``, written as ``checkpoint``) from the
+    current structure."""
     import numpy as np
     from ase import units
     from ase.md.verlet import VelocityVerlet
@@ -237,7 +241,8 @@ def _stability_probe(spec: RefitSpec, checkpoint) -> Tuple[bool, str]:
 
     gate = spec.gate
     atoms = spec.probe_atoms.copy()
-    atoms.calc = FineTunableCalculator(checkpoint, variant=spec.variant, inherit_from=None)
+    atoms.calc = FineTunableCalculator._running(model, checkpoint=checkpoint,
+                                                variant=spec.variant, device=spec.device)
     n = len(atoms)
     fragments = None if atoms.pbc.any() else count_fragments(atoms, 1.6)
     dyn = VelocityVerlet(atoms, gate.probe_timestep_fs * units.fs)

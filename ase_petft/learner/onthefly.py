@@ -411,6 +411,8 @@ class OnTheFlyLearner:
         if len(train) < max(2, self.config.min_frames):
             return
         self._attempt += 1
+        in_process = self._executor is None or isinstance(
+            self._executor, concurrent.futures.ThreadPoolExecutor)
         spec = gate.RefitSpec(
             source_checkpoint=self._current_checkpoint(),
             source_generation=self.calc.generation, train=train, holdout=holdout,
@@ -418,8 +420,8 @@ class OnTheFlyLearner:
             output_dir=wd.gen_dir(self.workdir, self._attempt),
             generation=self._attempt, tolerance=self.tolerance,
             n_labels_total=self._n_labels,
-            preload=self._executor is None or isinstance(
-                self._executor, concurrent.futures.ThreadPoolExecutor),
+            source_model=self.calc.model_copy() if in_process else None,
+            return_model=in_process,
             anchor=self._anchor_set(holdout), harm=self._harm_set(train),
             probe_atoms=self._probe_atoms(), gate=self.gate, device=self.calc.device,
         )
