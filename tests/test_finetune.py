@@ -301,6 +301,29 @@ def test_linear_solver_model_selection_oracles():
     assert info["downweighted_structures"] == 1
 
 
+def test_linear_solver_records_the_t_statistic_of_its_gain():
+    """metrics.json's ``gain_t`` is the paired t test of the per-structure mean square
+    force residuals, current head vs LOSO (oracle: scipy's ttest_rel)."""
+    from scipy.stats import ttest_rel
+
+    from ase_petft.finetune import solver
+
+    rng = np.random.default_rng(1)
+    kind = np.array(["energy"] + ["forces"] * 12)
+    structures = [solver.StructureRows(A=rng.normal(size=(13, 4)), y=rng.normal(size=13),
+                                       w=np.ones(13), kind=kind) for _ in range(7)]
+    residuals = [st.y * rng.uniform(0.3, 1.2) for st in structures]
+    ms = lambda v: np.mean(v[1:] ** 2)  # noqa: E731  (force rows only)
+    want = ttest_rel([ms(st.y) for st in structures], [ms(r) for r in residuals]).statistic
+    got = solver._gain_t(residuals, structures, np.ones(len(structures)))
+    assert got == pytest.approx(want, rel=1e-10)
+    truth = rng.normal(size=4)
+    exact = [solver.StructureRows(A=st.A, y=st.A @ truth, w=st.w, kind=kind)
+             for st in structures]
+    _, info = solver.solve(exact)
+    assert info["selected"] == "refit" and info["gain_t"] > 5  # an exact fit: a clear gain
+
+
 def test_second_round_continues_from_trained_head(emt_checkpoint, tmp_path):
     from ase_petft import _metatrain
     from ase_petft._metatrain import last_layer_parameters
