@@ -11,7 +11,7 @@ import torch
 from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer, finetune
 from ase_petft import _metatrain
 from conftest import emt_frames
-from test_learner import _accepting_learner, _langevin
+from test_learner import _accepting_learner, _langevin, check_in_memory_refits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -105,3 +105,17 @@ def test_finetune_from_path_on_cuda_writes_a_cpu_loadable_checkpoint(emt_checkpo
     atoms = frames[0].copy()
     atoms.calc = calc
     assert np.isfinite(atoms.get_forces()).all()
+
+
+
+def test_learner_on_cuda_probes_and_swaps_its_candidate_in_memory(emt_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """A background refit of a cuda calculator trains, probes (stability MD on cuda) and
+    swaps the candidate module without reading a checkpoint; the live weights then equal
+    the accepted generation's checkpoint."""
+    calc = FineTunableCalculator(emt_checkpoint, variant=NEW, device="cuda")
+    atoms = emt_frames(1, seed=39)[0]
+    atoms.calc = calc
+    with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer:
+        check_in_memory_refits(calc, atoms, buffer, tmp_path / "learner", monkeypatch)
+    assert calc.device.startswith("cuda")

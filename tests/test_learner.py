@@ -123,9 +123,14 @@ def test_in_process_refits_read_no_checkpoint_and_swap_what_they_wrote(run, monk
     """A background refit on a thread trains a copy of the live model, judges it (anchor,
     stability probe) and swaps the trained module: no checkpoint is read, and the live
     weights afterwards equal the accepted generation's checkpoint bit for bit."""
+    calc, atoms, buffer, workdir = run
+    check_in_memory_refits(calc, atoms, buffer, workdir, monkeypatch)
+
+
+def check_in_memory_refits(calc, atoms, buffer, workdir, monkeypatch):
+    """(Also run on cuda by test_cuda.py.)"""
     from ase_petft import _metatrain
 
-    calc, atoms, buffer, workdir = run
     real_load, read = _metatrain.load_model, []
 
     def spy(path, *args, **kwargs):
@@ -155,7 +160,7 @@ def test_in_process_refits_read_no_checkpoint_and_swap_what_they_wrote(run, monk
     live = calc.model.state_dict()
     assert written.keys() == live.keys()
     for name, tensor in written.items():
-        assert torch.equal(tensor, live[name]), name
+        assert torch.equal(tensor, live[name].cpu()), name
 
 
 def test_flush_refits_on_the_labels_left_over(run):
