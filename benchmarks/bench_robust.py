@@ -38,9 +38,18 @@ GLYCINE = (  # neutral glycine, an approximate planar gas-phase geometry (Å)
 
 
 def build(name: str):
+    """``glycine``, any ``ase.build.molecule`` name, or ``smiles:<SMILES>`` (embedded by
+    RDKit's ETKDG + MMFF, seed 0; needs ``pip install rdkit``)."""
     from ase import Atoms
     from ase.build import molecule
 
+    if name.startswith("smiles:"):
+        import sys
+
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+        from _demo_chemistry import embed
+
+        return embed(name[len("smiles:"):], seed=0)
     if name == "glycine":
         return Atoms([s for s, _ in GLYCINE], positions=[p for _, p in GLYCINE])
     return molecule(name)
@@ -107,6 +116,7 @@ def run(args) -> dict:
     from ase_petft import FineTunableCalculator, FineTuneConfig, LabelBuffer
     from ase_petft.data import demo_checkpoint
     from ase_petft.learner import OnTheFlyLearner, max_gap, min_gap, uncertainty_above
+    from ase_petft.learner import RattleConfig
     from ase_petft.metrics import calculator_errors
 
     gfn2 = TBLite(method="GFN2-xTB", verbosity=0)
@@ -124,6 +134,7 @@ def run(args) -> dict:
             calc, gfn2, buffer, workdir=workdir / "learner",
             select=(uncertainty_above(args.threshold) & min_gap(args.min_gap)) | max_gap(200),
             refit_every=args.refit_every, max_labels=args.max_labels, background=True,
+            rattle=RattleConfig(every=args.rattle_every),
             config=FineTuneConfig(method=args.method, seed=args.seed,
                                   **({} if args.learning_rate is None else
                                      {"learning_rate": args.learning_rate})))
@@ -175,6 +186,8 @@ def main() -> None:
                         help="skip the end-of-run refit on the labels left over")
     parser.add_argument("--method", default="heads", choices=("heads", "full"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rattle-every", type=int, default=4,
+                        help="RattleConfig.every (0: no rattled labels)")
     args = parser.parse_args()
     out = run(args)
     print(f"{args.molecule}, {args.steps} steps at {args.temperature:.0f} K, method "

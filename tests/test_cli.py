@@ -284,7 +284,8 @@ def test_report_writes_figures_and_returns_their_data(learner_run, tmp_path, cap
         assert row["new_forces_mae_meV_per_A"] == decision["new"]["forces_mae_meV_per_A"]
     with LabelBuffer(buffer, mode="r") as labels:
         n_holdout = sum(bool(a.info.get("holdout")) for a in labels)
-        assert len(report.labels) == len(labels) == 8
+        # 8 labelled steps, and rattled copies of the 1st and 5th (RattleConfig)
+        assert len(report.labels) == len(labels) == 10
     accepted = [g["generation"] for g in report.generations if g["accepted"]]
     assert list(report.parity) == [0, *accepted]  # <= 4 generations: all of them
     for data in report.parity.values():

@@ -233,13 +233,15 @@ def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_pat
 def test_gate_reuses_the_refits_own_evaluation_of_the_held_out_labels(parts):
     import json
 
+    from ase_petft.learner import RattleConfig
     from ase_petft.learner.gate import GateConfig, evaluate_generation
 
     calc, atoms, buffer, workdir = parts
     with OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, select=every(1),
                          refit_every=5, background=False, tolerance=10.0, holdout_fraction=0.3,
                          config=FineTuneConfig(keep_parent_unless_better=False),
-                         gate=GateConfig(probe_steps=0, harm_factor=1e9)) as learner:
+                         gate=GateConfig(probe_steps=0, harm_factor=1e9),
+                         rattle=RattleConfig(every=0)) as learner:
         for i in range(6):
             atoms.rattle(0.03, seed=100 + i)
             atoms.get_potential_energy()

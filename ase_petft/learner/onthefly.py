@@ -47,6 +47,7 @@ from . import _support as support
 from . import gate
 from . import workdir as wd
 from .gate import GateConfig, HarmSet
+from .rattle import RattleConfig, rattled_copy
 from .selection import Policy, StepContext, every
 from .watchdog import SimulationUnstableError, Watchdog, WatchdogConfig
 
@@ -97,6 +98,10 @@ class OnTheFlyLearner:
         the do-no-harm bound every refit must pass besides the held-out labels and the
         anchor set (the labels held out before the first refit, a yardstick that does
         not drift with the trajectory).
+    :param rattle: a :class:`~ase_petft.learner.rattle.RattleConfig`: after every 4th
+        label the simulation asks for (default), one more label of a copy rattled by
+        0.05 Å, so that refits and the gate also see structures next to the trajectory
+        (``RattleConfig(every=0)`` turns this off).
     """
 
     def __init__(self, calc, reference, buffer, *, select: Optional[Policy] = None,
@@ -106,7 +111,8 @@ class OnTheFlyLearner:
                  properties=("energy", "forces"), refit_threads: Optional[int] = 1,
                  dynamics=None, watchdog: Optional[WatchdogConfig] = None,
                  gate: Optional[GateConfig] = None,
-                 reference_timeout: Optional[float] = None) -> None:
+                 reference_timeout: Optional[float] = None,
+                 rattle: Optional[RattleConfig] = None) -> None:
         from ..config import FineTuneConfig
 
         support.validate(calc, reference, buffer, select, refit_every, holdout_fraction,
@@ -120,6 +126,10 @@ class OnTheFlyLearner:
         self.gate = GateConfig() if gate is None else gate
         if not isinstance(self.gate, GateConfig):
             raise ConfigError(f"gate must be a GateConfig, got {type(self.gate).__name__}")
+        self.rattle = RattleConfig() if rattle is None else rattle
+        if not isinstance(self.rattle, RattleConfig):
+            raise ConfigError(f"rattle must be a RattleConfig, got {type(self.rattle).__name__}; "
+                              "RattleConfig(every=0) turns rattled labels off")
         self._harm = None
         self.calc, self.reference, self.buffer = calc, reference, buffer
         self.select = select if select is not None else every(10)
@@ -177,6 +187,7 @@ class OnTheFlyLearner:
         self._known = {support.structure_key(a) for a in frames}
         self._n_labels = len(frames)
         self._n_holdout = sum(bool(a.info.get("holdout")) for a in frames)
+        self._simulation_labels = sum(not a.info.get("rattled") for a in frames)
         done = wd.decisions(self.workdir)
         self._labels_at_refit = max((d["n_labels_total"] for d in done), default=0)
         first = min((d["n_labels_total"] for d in done), default=None)
@@ -294,26 +305,49 @@ class OnTheFlyLearner:
 
     # ------------------------------------------------------------------ labelling
     def _label(self, atoms, ctx: StepContext) -> None:
-        from ..labelling import label
-
         self._since_label = 0
         if self.knows(atoms):
             self._event("label_reused", uncertainty=support.maybe(ctx))
             return
+        labelled, wall = self._call_reference(atoms)
+        if labelled is None:
+            return
+        predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
+        self.record_label(labelled, step=self._step, generation=self.calc.generation,
+                          predicted_energy=predicted, uncertainty=support.maybe(ctx),
+                          wall_time_s=wall, asked=atoms)
+        self._simulation_labels += 1
+        if self.rattle.due(self._simulation_labels):
+            self._label_rattled(atoms, holdout=bool(self._labels[-1].info.get("holdout")))
+
+    def _label_rattled(self, atoms, *, holdout: bool) -> None:
+        """Label a rattled copy of the structure just labelled (:mod:`.rattle`). It is
+        held out exactly when its parent is: a pair split between training and the
+        gate's labels would let the gate see a near-copy of what was trained on."""
+        if self.max_labels is not None and self._n_labels >= self.max_labels:
+            return
+        copy = rattled_copy(atoms, self.rattle.sigma_A, seed=[self._step, self._n_labels])
+        labelled, wall = self._call_reference(copy, rattled=True)
+        if labelled is not None:
+            self.record_label(labelled, step=self._step, generation=self.calc.generation,
+                              wall_time_s=wall, holdout=holdout, rattled=True)
+
+    def _call_reference(self, atoms, **metadata):
+        """One reference call: ``(labelled copy, seconds)``, or ``(None, seconds)`` with
+        the failure recorded and counted by the watchdog."""
+        from ..labelling import label
+
         start = time.perf_counter()
         self.reference_calls += 1
         try:
             labelled = label(atoms, self.reference, properties=self.properties_for(atoms),
                              timeout=self.reference_timeout)
         except LabellingError as exc:
-            self.record_failure(atoms, exc, step=self._step)
+            self.record_failure(atoms, exc, step=self._step, **metadata)
             self.watchdog.failures_in_a_row += 1
-            return
+            return None, time.perf_counter() - start
         self.watchdog.failures_in_a_row = 0
-        predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
-        self.record_label(labelled, step=self._step, generation=self.calc.generation,
-                          predicted_energy=predicted, uncertainty=support.maybe(ctx),
-                          wall_time_s=time.perf_counter() - start, asked=atoms)
+        return labelled, time.perf_counter() - start
 
     # ----------------------------------------------- labels computed elsewhere (Campaign)
     def knows(self, atoms) -> bool:
@@ -328,13 +362,14 @@ class OnTheFlyLearner:
     def record_label(self, labelled, *, step: int, generation: int,
                      predicted_energy: Optional[float] = None,
                      uncertainty: Optional[float] = None,
-                     wall_time_s: Optional[float] = None, asked=None, **metadata) -> None:
+                     wall_time_s: Optional[float] = None, asked=None,
+                     holdout: Optional[bool] = None, **metadata) -> None:
         """Append a reference label to the buffer (held out or not, as the hold-out
-        fraction asks) and to the labels the next refit trains on. ``asked``: the
-        structure as the simulation had it (default: ``labelled``), what :meth:`knows`
-        recognises afterwards. ``metadata`` (e.g. ``walker=``) goes to the buffer and to
-        the history event."""
-        holdout = self._next_is_holdout()
+        fraction asks, or as ``holdout`` says) and to the labels the next refit trains
+        on. ``asked``: the structure as the simulation had it (default: ``labelled``),
+        what :meth:`knows` recognises afterwards. ``metadata`` (e.g. ``walker=``) goes to
+        the buffer and to the history event."""
+        holdout = self._next_is_holdout() if holdout is None else bool(holdout)
         index = self.buffer.append(labelled, variant=self.variant, step=step,
                                    generation=generation, holdout=holdout,
                                    predicted_energy=predicted_energy,
