@@ -301,6 +301,48 @@ def test_linear_solver_model_selection_oracles():
     assert info["downweighted_structures"] == 1
 
 
+def test_linear_solver_leaves_groups_out_together():
+    """A label and its near-copy (a rattled label) are left out together: the closed
+    form equals refitting without the group (oracle: a plain least-squares solve per
+    group); and noise duplicated in near-copies looks learnable to a per-structure
+    LOSO but not to the grouped one."""
+    from ase_petft.finetune.solver import StructureRows, solve
+
+    rng = np.random.default_rng(3)
+    kind = np.array(["forces"] * 12)
+
+    def twin(st, scale=1e-3):
+        return StructureRows(A=st.A + scale * rng.normal(size=st.A.shape), y=st.y, w=st.w,
+                             kind=kind)
+
+    base = [StructureRows(A=rng.normal(size=(12, 8)), y=rng.normal(size=12),
+                          w=np.full(12, 0.5), kind=kind) for _ in range(5)]
+    structures = [base[0], twin(base[0]), base[1], base[2], twin(base[2]), base[3], base[4]]
+    groups = ["a", "a", "b", "c", "c", "d", "e"]
+    _, info = solve(structures, ridge=0.1, groups=groups, keep_parent_unless_better=False)
+    lam = info["ridge"]
+    squares = []
+    for key in dict.fromkeys(groups):
+        fit = [st for st, g in zip(structures, groups) if g != key]
+        A = np.concatenate([st.A for st in fit])
+        W = np.concatenate([st.w for st in fit])
+        y = np.concatenate([st.y for st in fit])
+        delta = np.linalg.solve(A.T @ (W[:, None] * A) + lam * np.eye(8), A.T @ (W * y))
+        squares += [(st.y - st.A @ delta) ** 2 for st, g in zip(structures, groups) if g == key]
+    want = np.sqrt(np.mean(np.concatenate(squares)))
+    assert info["n_groups"] == 5
+    assert info["loso_error"]["forces_rmse"] == pytest.approx(want, rel=1e-8)
+    # pure noise, every structure twice, more parameters than rows (a fit can memorise):
+    # per structure it looks learnable, grouped it does not
+    wide = [StructureRows(A=rng.normal(size=(12, 80)), y=rng.normal(size=12),
+                          w=np.full(12, 0.5), kind=kind) for _ in range(5)]
+    noise = [s for st in wide for s in (st, twin(st, 1e-6))]
+    _, alone = solve(noise)
+    _, together = solve(noise, groups=[i // 2 for i in range(len(noise))])
+    assert alone["selected"] == "refit" and alone["score"] < 0.5
+    assert together["selected"] == "parent"
+
+
 def test_linear_solver_records_the_t_statistic_of_its_gain():
     """metrics.json's ``gain_t`` is the paired t test of the per-structure mean square
     force residuals, current head vs LOSO (oracle: scipy's ttest_rel)."""

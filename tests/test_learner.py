@@ -26,6 +26,8 @@ from ase_petft.learner import (OnTheFlyLearner, RattleConfig, StepContext, alway
 from ase_petft.learner.gate import GateConfig
 from ase_petft.learner.watchdog import SimulationUnstableError, WatchdogConfig
 
+from ase_petft._provenance import content_key
+
 from conftest import emt_frames, perturbed_checkpoint
 
 HERE = pathlib.Path(__file__).parent
@@ -288,6 +290,9 @@ def test_rattled_copies_are_labelled_next_to_the_trajectory(run):
         # held out exactly when the structure it was rattled from is: no near-copy of a
         # training label among the gate's labels
         assert frames[i].info["holdout"] == frames[i - 1].info["holdout"]
+        parent = frames[i - 1]  # the solver leaves the pair out together (its group key)
+        assert frames[i].info["rattled_from"] == content_key(
+            parent.numbers, parent.positions, parent.cell, parent.pbc)
     assert frames[0].info["holdout"] and frames[1].info["holdout"]  # the first pair
     assert sum(bool(a.info.get("holdout")) for a in frames) == 2  # 25 % of 8
     with pytest.raises(ConfigError, match="sigma_A must be"):

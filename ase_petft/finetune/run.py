@@ -125,7 +125,8 @@ def _refit_heads_linear(model, variant: str, labels: List[Label], config,
         ordered = fresh
     rows = [StructureRows(A=np.asarray(a, dtype=np.float64), y=y, w=w, kind=k)
             for a, y, w, k in ordered]
-    delta, info = solve(rows, ridge=config.ridge,
+    groups = [_group_key(label) for label in labels] * (1 + config.rotations)
+    delta, info = solve(rows, ridge=config.ridge, groups=groups,
                         keep_parent_unless_better=config.keep_parent_unless_better)
     info["rows_reused"] = len(labels) - len(missing) if config.rotations == 0 else 0
     if info["selected"] == "refit":
@@ -137,6 +138,19 @@ def _refit_heads_linear(model, variant: str, labels: List[Label], config,
         compact = {k: (_compact(known[k][0]), *known[k][1:]) for k in keys}
         cache = rowcache.RowCache(variant, fingerprint, setting, theta, compact)
     return info, cache
+
+
+def _group_key(label: Label) -> str:
+    """The solver's leave-out group of a label: the structure it was rattled from (the
+    learner's ``rattled_from`` metadata), else its own structure. Rotated copies
+    (``config.rotations``) follow their label."""
+    from .._provenance import content_key
+
+    atoms = label.atoms
+    parent = atoms.info.get("rattled_from")
+    if isinstance(parent, str) and parent:
+        return parent
+    return content_key(atoms.numbers, atoms.positions, atoms.cell, atoms.pbc)
 
 
 def _compact(A: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ adapter; everything here is plain numpy.
 The evidence optimum assumes the frozen features are right and overfits when they are
 poor (measured: held-out forces 675 → 1142 meV/Å on molecules outside the backbone's
 training set). What is chosen here instead is the setting with the lowest
-**leave-one-structure-out (LOSO)** error, computed in closed form for every candidate:
+**leave-one-structure-out (LOSO)** error, computed in closed form for every candidate
+(a structure and its rattled copy are left out together, see ``groups``):
 
 - the prior strength λ (a log grid relative to the normal matrix's mean eigenvalue);
 - the noise level of the energy rows relative to the force/stress rows (a few
@@ -56,22 +57,30 @@ class StructureRows:
 
 
 def solve(structures: Sequence[StructureRows], *, ridge: Optional[float] = None,
-          keep_parent_unless_better: bool = True) -> Tuple[np.ndarray, dict]:
-    """The selected update δ (zeros: keep the parent head) and what was chosen."""
+          keep_parent_unless_better: bool = True,
+          groups: Optional[Sequence] = None) -> Tuple[np.ndarray, dict]:
+    """The selected update δ (zeros: keep the parent head) and what was chosen.
+
+    ``groups``: one hashable key per structure; structures with the same key (a label
+    and the rattled copy of it, say) are left out *together*, so that a near-copy
+    left in the fit cannot make a setting look better than it is (default: each
+    structure its own group)."""
     n_par = structures[0].A.shape[1]
+    members = _group_members(len(structures), groups)
     robust = _robust_weights(structures)
     parent = _parent_errors(structures, robust)
-    info: dict = {"n_structures": len(structures), "n_parameters": int(n_par),
-                  "parent_error": parent}
-    if len(structures) < MIN_STRUCTURES and keep_parent_unless_better:
-        info.update(selected="parent", reason=f"fewer than {MIN_STRUCTURES} structures: "
-                    "no leave-one-out estimate, head kept")
+    info: dict = {"n_structures": len(structures), "n_groups": len(members),
+                  "n_parameters": int(n_par), "parent_error": parent}
+    if len(members) < MIN_STRUCTURES and keep_parent_unless_better:
+        info.update(selected="parent", reason=f"fewer than {MIN_STRUCTURES} independent "
+                    "structures: no leave-one-out estimate, head kept")
         return np.zeros(n_par), info
     info["downweighted_structures"] = int(np.sum(robust < 1.0))
     grid = RIDGE_GRID if ridge is None else np.array([float(ridge)])
     best = None
     for factor in ENERGY_NOISE_FACTORS:
-        for candidate in _loso_scan(structures, {"energy": factor}, robust, grid, parent):
+        for candidate in _loso_scan(structures, {"energy": factor}, robust, grid, parent,
+                                    members):
             candidate.update(energy_weight_factor=factor)
             if best is None or candidate["score"] < best["score"]:
                 best = candidate
@@ -157,7 +166,19 @@ def _robust_weights(structures) -> np.ndarray:
     return np.where(r > limit, (limit / np.maximum(r, 1e-300)) ** 2, 1.0)
 
 
-def _loso_scan(structures, row_w, robust, grid, parent) -> List[dict]:
+def _group_members(n: int, groups: Optional[Sequence]) -> List[List[int]]:
+    """Indices of the structures of each group, groups in order of first appearance."""
+    if groups is None:
+        return [[i] for i in range(n)]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} structures")
+    order: Dict[object, List[int]] = {}
+    for i, key in enumerate(groups):
+        order.setdefault(key, []).append(i)
+    return list(order.values())
+
+
+def _loso_scan(structures, row_w, robust, grid, parent, members) -> List[dict]:
     row_sqrt = [np.sqrt(s.w * np.array([row_w.get(k, 1.0) for k in s.kind]))
                 for s in structures]
     sqrt_w = [np.sqrt(r) * w for r, w in zip(robust, row_sqrt)]
@@ -174,14 +195,20 @@ def _loso_scan(structures, row_w, robust, grid, parent) -> List[dict]:
         lam = rel * scale
         inv = 1.0 / (eig + lam)
         delta = V @ (b * inv)
-        residuals = []
-        for a, bs, ys, w, st in zip(A, B, y, sqrt_w, structures):
+        residuals: List[np.ndarray] = [np.empty(0)] * len(structures)
+        for group in members:  # the fit without the whole group, in closed form
+            a, bs, ys = (np.concatenate([arrays[i] for i in group]) for arrays in (A, B, y))
             e = ys - a @ delta
             hat = (bs * inv) @ bs.T
             loo = np.linalg.solve(np.eye(len(ys)) - hat, e)
-            # back to physical units (a row with zero weight: its plain residual)
-            plain = np.where(w > 0, loo / np.where(w > 0, w, 1.0), st.y - st.A @ delta)
-            residuals.append(plain)
+            start = 0
+            for i in group:
+                w, st = sqrt_w[i], structures[i]
+                part = loo[start:start + len(st.y)]
+                start += len(st.y)
+                # back to physical units (a row with zero weight: its plain residual)
+                residuals[i] = np.where(w > 0, part / np.where(w > 0, w, 1.0),
+                                        st.y - st.A @ delta)
         errors = _rmse_by_kind(residuals, structures, robust)
         out.append({"delta": delta, "residuals": residuals,
                     "ridge": float(lam), "ridge_relative": float(rel),

@@ -330,7 +330,8 @@ class OnTheFlyLearner:
         labelled, wall = self._call_reference(copy, rattled=True)
         if labelled is not None:
             self.record_label(labelled, step=self._step, generation=self.calc.generation,
-                              wall_time_s=wall, holdout=holdout, rattled=True)
+                              wall_time_s=wall, holdout=holdout, rattled=True,
+                              rattled_from=support.structure_key(atoms))
 
     def _call_reference(self, atoms, **metadata):
         """One reference call: ``(labelled copy, seconds)``, or ``(None, seconds)`` with
