@@ -5,10 +5,11 @@ fitted to those alone can get better there and worse a few hundredths of an ång
 away (random displacements of 0.05 Å strain stiff bonds further than 400 K does), and
 no gate that sees only trajectory labels notices. So, after every ``every``-th label the
 simulation asks for, the learner also labels one copy of that structure with every atom
-displaced at random (Gaussian, ``sigma_A`` per Cartesian component). Those labels are
-trained on and held out like any other (the hold-out fraction applies to them too), so
-the fit and the gate both see that region. BENCHMARKS.md has the measurements that made
-this the default.
+displaced at random (Gaussian, ``sigma_A`` per Cartesian component). A copy is held out
+exactly when the structure it was rattled from is, and the heads solver leaves the two
+out together (``rattled_from`` in its metadata): no near-copy of a training label judges
+a refit. So the fit and the gate both see that region. BENCHMARKS.md has the
+measurements that made this the default.
 """
 
 from __future__ import annotations
