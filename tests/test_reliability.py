@@ -230,6 +230,37 @@ def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_pat
     assert "energy/extra" not in calc.variants and calc.generation == 1
 
 
+def test_sgd_refits_select_their_epoch_without_the_anchor_labels(parts):
+    """A full refit keeps its best epoch on held-out labels: once there are held-out
+    labels besides the anchor set, it selects on those only, and the anchor check
+    judges it on labels nothing was selected on; the held-out check still sees all."""
+    import json
+
+    from ase_petft.learner import RattleConfig
+    from ase_petft.learner.gate import GateConfig
+
+    calc, atoms, buffer, workdir = parts
+    with OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, select=every(1),
+                         refit_every=3, background=False, tolerance=10.0,
+                         holdout_fraction=0.34, rattle=RattleConfig(every=0),
+                         config=FineTuneConfig(method="full", num_epochs=2, seed=0),
+                         gate=GateConfig(probe_steps=0, harm_factor=1e9)) as learner:
+        for i in range(12):
+            atoms.rattle(0.03, seed=200 + i)
+            atoms.get_potential_energy()
+            learner()
+    decisions = [json.loads(path.read_text())
+                 for path in sorted(workdir.glob("gen-*/decision.json"))]
+    assert len(decisions) >= 3
+    n_anchor = decisions[0]["n_holdout"]  # the anchor: the held-out labels of refit 1
+    assert decisions[0]["fit_metrics"]["after"]["n_frames"] == n_anchor  # nothing else yet
+    for decision in decisions[1:]:
+        assert decision["n_holdout"] > n_anchor
+        assert decision["fit_metrics"]["after"]["n_frames"] == decision["n_holdout"] - n_anchor
+        assert decision["holdout"]["old"]["n_frames"] == decision["n_holdout"]
+        assert decision["anchor"]["old"]["n_frames"] == n_anchor
+
+
 def test_gate_reuses_the_refits_own_evaluation_of_the_held_out_labels(parts):
     import json
 

@@ -131,7 +131,7 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     result, model = finetune_with_model(
         spec.source_checkpoint, spec.train, variant=spec.variant, config=spec.config,
         output_dir=spec.output_dir, generation=spec.generation,
-        validation=list(spec.holdout),  # one hold-out: no second split inside the run
+        validation=_selection_frames(spec),  # one hold-out: no second split inside the run
         reuse_rows_from=[spec.output_dir.parent / f"gen-{spec.generation - 1:04d}"],
         device=spec.device, source_model=spec.source_model)
     decision: Dict[str, Any] = {
@@ -156,6 +156,25 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     return RefitOutcome(generation=spec.generation, accepted=bool(accepted), reason=reason,
                         decision=decision, checkpoint_path=result.checkpoint_path,
                         model=model if accepted and spec.return_model else None)
+
+
+def _selection_frames(spec: RefitSpec) -> list:
+    """The held-out labels the refit may select with (an SGD refit keeps its best epoch
+    on them): every held-out label, except that SGD refits leave out the anchor set
+    while other held-out labels exist, so that the anchor check judges a candidate on
+    labels nothing was selected on. (The linear solver selects by leave-one-group-out
+    on its training labels; the held-out ones only report.)"""
+    holdout = list(spec.holdout)
+    if spec.config.effective_solver != "sgd" or not spec.anchor:
+        return holdout
+    from .._provenance import content_key
+
+    def key(atoms) -> str:
+        return content_key(atoms.numbers, atoms.positions, atoms.cell, atoms.pbc)
+
+    anchor = {key(a) for a in spec.anchor}
+    rest = [a for a in holdout if key(a) not in anchor]
+    return rest or holdout
 
 
 def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool, str]]:
