@@ -21,7 +21,7 @@ from ase.md.langevin import Langevin
 from ase_petft import (Campaign, ConfigError, FineTunableCalculator, FineTuneConfig,
                        LabelBuffer, Walker)
 from ase_petft._provenance import content_key
-from ase_petft.learner import every, uncertainty_above
+from ase_petft.learner import RattleConfig, every, uncertainty_above
 from ase_petft.learner import workdir as wd
 from ase_petft.learner.gate import GateConfig
 from ase_petft.learner.watchdog import WatchdogConfig
@@ -146,6 +146,35 @@ class _FailFor(EMT):
             _FAILURES_LEFT[self.size] -= 1
             raise CalculationFailed("SCF did not converge (test)")
         super().calculate(atoms, properties, system_changes or ["positions"])
+
+
+def test_the_coordinator_labels_rattled_copies_of_walker_labels(emt_checkpoint, tmp_path):
+    """Campaigns make rattled labels too: the coordinator asks for a copy of every 2nd
+    walker label (RattleConfig(every=2)), labelled by EMT (oracle: EMT on the stored
+    positions), held out with the structure it was rattled from, within the budget."""
+    start = emt_frames(1, seed=5)[0]
+    walkers = [Walker(name=f"w{i}", atoms=start, steps=100_000, dynamics=_StepRecorder(300 + 300 * i))
+               for i in range(2)]
+    with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer, Campaign(
+            emt_checkpoint, variant="energy/emt", reference=EMT(), buffer=buffer,
+            workdir=tmp_path / "campaign", select=every(3), refit_every=1000,
+            max_labels=10, watchdog=LENIENT, rattle=RattleConfig(every=2), **ACCEPT) as campaign:
+        result = campaign.run(walkers, stop_when_budget_spent=True)
+        frames = _check_labels(buffer, {"w0", "w1"})
+    assert result.labels == len(frames) == 10 == result.reference_calls
+    parents = {_key(a): a for a in frames if not a.info.get("rattled")}
+    rattled = [a for a in frames if a.info.get("rattled")]
+    assert len(rattled) >= 2
+    for copy in rattled:
+        parent = parents[copy.info["rattled_from"]]
+        assert copy.info["holdout"] == parent.info["holdout"]
+        assert copy.info["walker"] == parent.info["walker"]
+        shift = copy.positions - parent.positions
+        assert 0.02 < shift.std() < 0.1  # sigma 0.05 Å
+        oracle = copy.copy()
+        oracle.calc = EMT()
+        assert copy.get_potential_energy() == pytest.approx(oracle.get_potential_energy())
+        assert np.allclose(copy.get_forces(), oracle.get_forces())
 
 
 def test_a_failing_reference_on_one_walker_does_not_stop_the_other(emt_checkpoint, tmp_path):

@@ -51,6 +51,7 @@ from . import workdir as wd
 from ._support import DaemonExecutor, structure_key
 from .channels import DaskChannel, LocalChannel, decode_atoms
 from .onthefly import OnTheFlyLearner
+from .rattle import rattled_copy
 from .selection import Policy, every, never
 from .walker import Walker, run_walker
 from .watchdog import WatchdogConfig
@@ -109,7 +110,8 @@ class Campaign:
         Per-walker policies (``every``, ``max_gap``, ``min_gap``) count that walker's
         steps; ``max_labels`` is global.
     :param refit_every, config, holdout_fraction, max_labels, tolerance, properties,
-        gate, reference_timeout: as for :class:`~ase_petft.OnTheFlyLearner`.
+        gate, reference_timeout, rattle: as for :class:`~ase_petft.OnTheFlyLearner`
+        (the coordinator asks for the rattled copies, on the label executor).
     :param watchdog: the walkers' :class:`WatchdogConfig` (a walker may have its own).
     :param label_executor: a ``concurrent.futures.Executor`` for reference calls
         (default: one thread per walker here, or the client's workers).
@@ -127,7 +129,7 @@ class Campaign:
                  reference_timeout: Optional[float] = None, label_executor=None,
                  refit_executor=None, inherit_from: Optional[str] = "energy",
                  device: Optional[str] = None, dtype: Any = None,
-                 refit_threads: Optional[int] = 1) -> None:
+                 refit_threads: Optional[int] = 1, rattle=None) -> None:
         from ..calculator import FineTunableCalculator
 
         if workdir is None:
@@ -154,7 +156,7 @@ class Campaign:
             config=config, background=True, holdout_fraction=holdout_fraction,
             max_labels=max_labels, workdir=workdir, executor=refit_executor,
             tolerance=tolerance, properties=tuple(properties), refit_threads=refit_threads,
-            gate=gate, reference_timeout=reference_timeout)
+            gate=gate, reference_timeout=reference_timeout, rattle=rattle)
         # the walkers' policy, not the coordinator's never(), says whether σ is needed
         self.learner._needs_uncertainty = self.select.expensive
         self.workdir = self.learner.workdir
@@ -195,12 +197,14 @@ class Campaign:
         start = time.perf_counter()
         channel = DaskChannel(client=client) if client is not None else LocalChannel()
         labels, own_labels = self._label_pool(client, len(walkers))
+        self._rattle_pool = labels
         self._publish(channel, force=True)
         futures = {w.name: self._launch(w, channel, client, len(walkers)) for w in walkers}
         summaries: Dict[str, Dict[str, Any]] = {}
         try:
             self._loop(channel, labels, futures, summaries, stop_when_budget_spent,
                        None if timeout_s is None else start + timeout_s)
+            self._rattle_pool = None  # no new rattled copies once the walkers are done
             for message in channel.receive(timeout=0.0):
                 self._handle(message, labels, accept_requests=False)
             self._save_snapshots(every_s=0.0)
@@ -251,6 +255,7 @@ class Campaign:
         self._pending, self._answered, self._failures, self._restores = {}, {}, {}, {}
         self._latest, self._unsaved, self._saved_at = {}, set(), 0.0
         self.reference_calls = self.failed_labels = 0
+        self._rattle_pool = None
 
     def _label_pool(self, client, n_walkers: int):
         """(executor for reference calls, the one this run owns and shuts down)."""
@@ -395,29 +400,67 @@ class Campaign:
 
     def _record(self, message, atoms, future, wall_time_s: float) -> None:
         name = message["walker"]
+        if message.get("rattled"):  # the coordinator's own request: no walker waits
+            labelled = self._result(message, atoms, future, walker_failure=False)
+            if labelled is not None:
+                self.learner.record_label(labelled, step=message["step"],
+                                          generation=message["generation"],
+                                          wall_time_s=wall_time_s, walker=name,
+                                          holdout=message["holdout"], rattled=True,
+                                          rattled_from=message["rattled_from"])
+                self._save_uncertainty()
+            return
         self._answer(name)
+        labelled = self._result(message, atoms, future, walker_failure=True)
+        if labelled is None:
+            return
+        self._failures[name] = 0
+        holdout = self.learner.record_label(labelled, step=message["step"],
+                                            generation=message["generation"],
+                                            predicted_energy=message.get("predicted_energy"),
+                                            uncertainty=message.get("uncertainty"),
+                                            wall_time_s=wall_time_s, asked=atoms, walker=name)
+        self._save_uncertainty()
+        if self.learner.rattle_due():
+            self._request_rattled(message, atoms, holdout)
+
+    def _result(self, message, atoms, future, *, walker_failure: bool):
+        """The labelled structure of a finished reference call, or None with the failure
+        recorded (counted against the walker when it asked for that structure)."""
+        name = message["walker"]
+        extra = {} if walker_failure else {"rattled": True}
         try:
-            labelled = future.result()
+            return future.result()
         except LabellingError as error:  # the structure failed: it counts for the walker
             self.failed_labels += 1
-            self._failures[name] = self._failures.get(name, 0) + 1
-            self.learner.record_failure(atoms, error, step=message["step"], walker=name)
-            return
+            if walker_failure:
+                self._failures[name] = self._failures.get(name, 0) + 1
+            self.learner.record_failure(atoms, error, step=message["step"], walker=name,
+                                        **extra)
         except PetftError:
             raise  # a configuration problem (e.g. label()'s timeout needs a copyable reference)
         except BaseException as exc:  # the executor failed (lost worker, cancelled, ...)
             self.failed_labels += 1
             error = LabellingError(f"the reference call did not run to its end on the "
                                    f"executor: {type(exc).__name__}: {exc}", atoms=atoms)
-            self.learner.record_failure(atoms, error, step=message["step"], walker=name)
+            self.learner.record_failure(atoms, error, step=message["step"], walker=name,
+                                        **extra)
+        return None
+
+    def _request_rattled(self, message, atoms, holdout: bool) -> None:
+        """Ask for a rattled copy of a structure a walker had labelled (:mod:`.rattle`),
+        held out exactly when that structure is."""
+        if self._rattle_pool is None or self._budget_spent():
             return
-        self._failures[name] = 0
-        self.learner.record_label(labelled, step=message["step"],
-                                  generation=message["generation"],
-                                  predicted_energy=message.get("predicted_energy"),
-                                  uncertainty=message.get("uncertainty"),
-                                  wall_time_s=wall_time_s, asked=atoms, walker=name)
-        self._save_uncertainty()
+        shaken = rattled_copy(atoms, self.learner.rattle.sigma_A,
+                              seed=[message["step"], self.learner.n_labels])
+        self.reference_calls += 1
+        future = self._rattle_pool.submit(label_job, shaken, self.reference,
+                                          self.learner.properties_for(shaken),
+                                          self.learner.reference_timeout)
+        request = {**message, "rattled": True, "holdout": bool(holdout),
+                   "rattled_from": structure_key(atoms)}
+        self._pending[structure_key(shaken)] = (request, shaken, future, time.perf_counter())
 
     # ------------------------------------------------------------------ state
     def _budget_spent(self) -> bool:

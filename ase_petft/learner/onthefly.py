@@ -316,9 +316,14 @@ class OnTheFlyLearner:
         self.record_label(labelled, step=self._step, generation=self.calc.generation,
                           predicted_energy=predicted, uncertainty=support.maybe(ctx),
                           wall_time_s=wall, asked=atoms)
-        self._simulation_labels += 1
-        if self.rattle.due(self._simulation_labels):
+        if self.rattle_due():
             self._label_rattled(atoms, holdout=bool(self._labels[-1].info.get("holdout")))
+
+    def rattle_due(self) -> bool:
+        """Count one label the simulation asked for; whether a rattled copy of it is
+        due (:class:`~ase_petft.learner.rattle.RattleConfig`)."""
+        self._simulation_labels += 1
+        return self.rattle.due(self._simulation_labels)
 
     def _label_rattled(self, atoms, *, holdout: bool) -> None:
         """Label a rattled copy of the structure just labelled (:mod:`.rattle`). It is
@@ -364,12 +369,12 @@ class OnTheFlyLearner:
                      predicted_energy: Optional[float] = None,
                      uncertainty: Optional[float] = None,
                      wall_time_s: Optional[float] = None, asked=None,
-                     holdout: Optional[bool] = None, **metadata) -> None:
+                     holdout: Optional[bool] = None, **metadata) -> bool:
         """Append a reference label to the buffer (held out or not, as the hold-out
         fraction asks, or as ``holdout`` says) and to the labels the next refit trains
         on. ``asked``: the structure as the simulation had it (default: ``labelled``),
         what :meth:`knows` recognises afterwards. ``metadata`` (e.g. ``walker=``) goes to
-        the buffer and to the history event."""
+        the buffer and to the history event. Returns whether it was held out."""
         holdout = self._next_is_holdout() if holdout is None else bool(holdout)
         index = self.buffer.append(labelled, variant=self.variant, step=step,
                                    generation=generation, holdout=holdout,
@@ -382,6 +387,7 @@ class OnTheFlyLearner:
         self._event("label", holdout=holdout, uncertainty=uncertainty,
                     wall_time_s=wall_time_s, step=step, **metadata)
         self._refit_uncertainty()
+        return holdout
 
     def record_failure(self, atoms, error: LabellingError, *, step: int, **metadata) -> None:
         """Record a failed reference call (buffer and history); the run goes on."""
