@@ -359,6 +359,12 @@ def test_linear_solver_records_the_t_statistic_of_its_gain():
     want = ttest_rel([ms(st.y) for st in structures], [ms(r) for r in residuals]).statistic
     got = solver._gain_t(residuals, structures, np.ones(len(structures)))
     assert got == pytest.approx(want, rel=1e-10)
+    # groups (a label and its rattled copy) count once: their gains are summed
+    members = [[0, 1], [2], [3, 4], [5], [6]]
+    pairs = [sum(ms(structures[i].y) for i in g) for g in members], \
+        [sum(ms(residuals[i]) for i in g) for g in members]
+    grouped = solver._gain_t(residuals, structures, np.ones(len(structures)), members)
+    assert grouped == pytest.approx(ttest_rel(*pairs).statistic, rel=1e-10)
     truth = rng.normal(size=4)
     exact = [solver.StructureRows(A=st.A, y=st.A @ truth, w=st.w, kind=kind)
              for st in structures]

@@ -85,7 +85,7 @@ def solve(structures: Sequence[StructureRows], *, ridge: Optional[float] = None,
             if best is None or candidate["score"] < best["score"]:
                 best = candidate
     info.update({k: v for k, v in best.items() if k not in ("delta", "residuals")})
-    info["gain_t"] = _gain_t(best["residuals"], structures, robust)
+    info["gain_t"] = _gain_t(best["residuals"], structures, robust, members)
     if keep_parent_unless_better and best["score"] > 1.0 - MIN_GAIN:
         info.update(selected="parent", reason=(
             f"no setting predicts a lower held-out error than the current head (best "
@@ -116,9 +116,10 @@ def _relative_score(errors: Dict[str, float], parent: Dict[str, float]) -> float
     return float(np.mean(ratios)) if ratios else 1.0
 
 
-def _gain_t(residuals, structures, robust) -> float:
-    """Paired t statistic of the per-structure improvement (current head's mean square
-    force residual minus the LOSO one; energies where no forces), robust-weighted.
+def _gain_t(residuals, structures, robust, members=None) -> float:
+    """Paired t statistic of the per-group improvement (current head's mean square
+    force residual minus the LOSO one, summed over a group's structures; energies where
+    no forces), robust-weighted.
 
     Recorded in ``metrics.json`` (``gain_t``), not used to decide: requiring t ≥ 2 kept
     later, corrective refits out and left an early one fitted on 3 structures (methyl
@@ -128,8 +129,10 @@ def _gain_t(residuals, structures, robust) -> float:
         rows = st.kind == "forces" if np.any(st.kind == "forces") else st.kind == "energy"
         return float(np.mean(values[rows] ** 2))
 
-    gain = np.array([r * (mean_square(st.y, st) - mean_square(res, st))
-                     for res, st, r in zip(residuals, structures, robust)])
+    per_structure = [r * (mean_square(st.y, st) - mean_square(res, st))
+                     for res, st, r in zip(residuals, structures, robust)]
+    members = members if members is not None else [[i] for i in range(len(structures))]
+    gain = np.array([sum(per_structure[i] for i in group) for group in members])
     if len(gain) < 2:
         return 0.0
     spread = float(np.std(gain, ddof=1))
