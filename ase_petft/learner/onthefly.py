@@ -313,11 +313,13 @@ class OnTheFlyLearner:
         if labelled is None:
             return
         predicted = self.calc.results.get("energy") if self.calc.atoms is not None else None
-        self.record_label(labelled, step=self._step, generation=self.calc.generation,
-                          predicted_energy=predicted, uncertainty=support.maybe(ctx),
-                          wall_time_s=wall, asked=atoms)
+        holdout = self.record_label(labelled, step=self._step,
+                                    generation=self.calc.generation,
+                                    predicted_energy=predicted,
+                                    uncertainty=support.maybe(ctx), wall_time_s=wall,
+                                    asked=atoms)
         if self.rattle_due():
-            self._label_rattled(atoms, holdout=bool(self._labels[-1].info.get("holdout")))
+            self._label_rattled(atoms, holdout=holdout)
 
     def rattle_due(self) -> bool:
         """Count one label the simulation asked for; whether a rattled copy of it is
