@@ -42,6 +42,9 @@ def interrupted(checkpoint, workdir, steps, refit_every):
     # Ctrl-C in a terminal raises KeyboardInterrupt; a process started in the background
     # of a non-interactive shell (CI) inherits SIGINT ignored: restore Python's handler
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    import faulthandler  # SIGUSR1: every thread's stack to stderr (a test that times out)
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     atoms = emt_frames(1, seed=21)[0]
     calc = FineTunableCalculator(checkpoint, variant="energy/emt")
     atoms.calc = calc

@@ -116,8 +116,11 @@ def test_ctrl_c_during_a_background_refit_stops_promptly(emt_checkpoint, tmp_pat
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # where is it stuck? (faulthandler, all threads)
+            time.sleep(2.0)
             proc.kill()
-            pytest.fail("the learner did not stop within 60 s of SIGINT")
+            pytest.fail("the learner did not stop within 60 s of SIGINT; its threads:\n"
+                        + proc.stderr.read()[-6000:])
         stopped = time.perf_counter() - sent
         stderr = proc.stderr.read()
     assert stopped < 10.0, f"took {stopped:.1f} s to stop after Ctrl-C"
