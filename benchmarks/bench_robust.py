@@ -16,6 +16,11 @@ It also reports the reference calls, every refit's decision (with the reason of 
 rejection), watchdog events and the largest temperature reached.
 
     python benchmarks/bench_robust.py [--molecule CH3CONH2] [--steps 2000] [--seed 0]
+
+``--reference pyscf:XC/BASIS`` (e.g. ``pyscf:pbe/6-31g*``; needs ``pip install pyscf``)
+learns Kohn-Sham DFT as a new head ``energy/dft`` instead: a level no test names, whose
+total energies lie thousands of eV from the backbone's. The independent frames then come
+from the same GFN2-xTB trajectory, relabelled with the DFT reference.
 """
 
 from __future__ import annotations
@@ -68,8 +73,10 @@ def langevin(atoms, temperature_K: float, seed: int):
                     rng=rng, fixcm=False)
 
 
-def reference_sets(name: str, gfn2, temperature_K: float, seed: int, n: int = 16):
-    """GFN2 MD frames (independent trajectory) and rattled equilibrium geometries."""
+def reference_sets(name: str, gfn2, reference, temperature_K: float, seed: int,
+                   n: int = 16):
+    """Frames of an independent GFN2 MD trajectory and rattled equilibrium geometries,
+    labelled with ``reference``."""
     from ase_petft import label
 
     atoms = build(name)
@@ -79,14 +86,31 @@ def reference_sets(name: str, gfn2, temperature_K: float, seed: int, n: int = 16
     md = []
     for _ in range(n):
         dyn.run(40)
-        md.append(label(atoms, gfn2))
+        md.append(label(atoms, reference))
     rng = np.random.default_rng(seed + 2000)
     rattled = []
     for _ in range(n):
         copy = build(name)
         copy.positions += rng.normal(0.0, 0.05, copy.positions.shape)
-        rattled.append(label(copy, gfn2))
+        rattled.append(label(copy, reference))
     return md, rattled
+
+
+def reference_calculator(spec: str):
+    """``(variant, calculator)`` for ``--reference``: ``gfn2`` or ``pyscf:XC/BASIS``."""
+    from tblite.ase import TBLite
+
+    if spec == "gfn2":
+        return "energy/gfn2", TBLite(method="GFN2-xTB", verbosity=0)
+    if spec.startswith("pyscf:") and "/" in spec:
+        import sys
+
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+        from pbe_to_pbe0 import PySCFDFT
+
+        xc, basis = spec[len("pyscf:"):].split("/", 1)
+        return "energy/dft", PySCFDFT(xc=xc, basis=basis)
+    raise SystemExit(f"--reference must be gfn2 or pyscf:XC/BASIS, got {spec!r}")
 
 
 def plain_md_pace(args, steps: int = 300) -> float:
@@ -120,9 +144,11 @@ def run(args) -> dict:
     from ase_petft.metrics import calculator_errors
 
     gfn2 = TBLite(method="GFN2-xTB", verbosity=0)
+    variant, reference = reference_calculator(args.reference)
     plain = plain_md_pace(args)
-    md_set, rattled_set = reference_sets(args.molecule, gfn2, args.temperature, args.seed)
-    calc = FineTunableCalculator(demo_checkpoint(), variant="energy/gfn2")
+    md_set, rattled_set = reference_sets(args.molecule, gfn2, reference, args.temperature,
+                                         args.seed)
+    calc = FineTunableCalculator(demo_checkpoint(), variant=variant)
     before = {"md": calculator_errors(md_set, calc), "rattled": calculator_errors(rattled_set, calc)}
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="petft-robust-"))
     atoms = build(args.molecule)
@@ -131,7 +157,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     with LabelBuffer(workdir / "labels.h5", mode="w-") as buffer:
         learner = OnTheFlyLearner(
-            calc, gfn2, buffer, workdir=workdir / "learner",
+            calc, reference, buffer, workdir=workdir / "learner",
             select=(uncertainty_above(args.threshold) & min_gap(args.min_gap)) | max_gap(200),
             refit_every=args.refit_every, max_labels=args.max_labels, background=True,
             rattle=RattleConfig(every=args.rattle_every),
@@ -186,17 +212,20 @@ def main() -> None:
                         help="skip the end-of-run refit on the labels left over")
     parser.add_argument("--method", default="heads", choices=("heads", "full"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference", default="gfn2",
+                        help="gfn2 (default) or pyscf:XC/BASIS, e.g. pyscf:pbe/6-31g*")
     parser.add_argument("--rattle-every", type=int, default=4,
                         help="RattleConfig.every (0: no rattled labels)")
     args = parser.parse_args()
     out = run(args)
     print(f"{args.molecule}, {args.steps} steps at {args.temperature:.0f} K, method "
-          f"{args.method}, seed {args.seed}: {out['calls']} GFN2 calls, generation "
+          f"{args.method}, seed {args.seed}: {out['calls']} {args.reference} calls, generation "
           f"{out['generation']}, max T {out['t_max']:.0f} K, {out['wall']:.0f} s")
     print("| held-out set | F MAE zero-shot (meV/Å) | F MAE final | ratio | "
           "E MAE offset-removed zero-shot (meV/atom) | final |")
     print("|---|---|---|---|---|---|")
-    for key, title in (("md", "independent GFN2 MD"), ("rattled", "rattled equilibrium")):
+    for key, title in (("md", "independent GFN2 MD frames"),
+                       ("rattled", "rattled equilibrium")):
         b, a = out["before"][key], out["after"][key]
         print(f"| {title} | {b['forces_mae_meV_per_A']:.1f} | {a['forces_mae_meV_per_A']:.1f} | "
               f"{a['forces_mae_meV_per_A'] / b['forces_mae_meV_per_A']:.2f} | "

@@ -167,6 +167,21 @@ def check_in_memory_refits(calc, atoms, buffer, workdir, monkeypatch):
     assert written.keys() == live.keys()
     for name, tensor in written.items():
         assert torch.equal(tensor, live[name].cpu()), name
+    # accepted generations carry the verified metatomic export, read here by metatomic
+    # itself; rejected ones none (the export is skipped for them)
+    from metatomic_ase import MetatomicCalculator
+
+    decided = [json.loads(p.read_text()) for p in sorted(workdir.glob("gen-*/decision.json"))]
+    for entry in decided:
+        exported = workdir / f"gen-{entry['generation']:04d}" / "model.pt"
+        assert exported.is_file() == entry["accepted"], entry["generation"]
+    suffix = None if calc.variant == "energy" else calc.variant.split("/", 1)[1]
+    probe = atoms.copy()
+    probe.calc = MetatomicCalculator(str(workdir / f"gen-{swaps[-1]:04d}" / "model.pt"),
+                                     variants={"energy": suffix}, device="cpu",
+                                     uncertainty_threshold=None)
+    assert probe.get_potential_energy() == pytest.approx(
+        calc.get_potential_energy(atoms), abs=F32_EV_PER_ATOM * len(atoms))
 
 
 def test_flush_refits_on_the_labels_left_over(run):
@@ -231,6 +246,7 @@ def test_absurd_refit_is_rejected_and_predictions_stay(run):
     events = [row["event"] for row in learner.history]
     assert "refit_rejected" in events or "refit_failed" in events, events
     assert calc.generation == 0
+    assert not list(workdir.glob("gen-*/model.pt"))  # nothing swapped in: no export
     probe.positions[0, 0] += 1e-9
     assert probe.get_potential_energy() == pytest.approx(before, rel=1e-7)
 

@@ -133,7 +133,8 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
         output_dir=spec.output_dir, generation=spec.generation,
         validation=_selection_frames(spec),  # one hold-out: no second split inside the run
         reuse_rows_from=[spec.output_dir.parent / f"gen-{spec.generation - 1:04d}"],
-        device=spec.device, source_model=spec.source_model)
+        device=spec.device, source_model=spec.source_model,
+        export=False)  # only a generation that is swapped in gets its model.pt (below)
     decision: Dict[str, Any] = {
         "generation": spec.generation, "source_generation": spec.source_generation,
         "n_train": len(spec.train), "n_holdout": len(spec.holdout),
@@ -141,9 +142,11 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
         "fit_metrics": dict(result.metrics),
     }
     checks = _judge(spec, model, result.checkpoint_path, decision)
-    _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
     failed = [f"{name}: {text}" for name, (ok, text) in checks.items() if not ok]
     accepted = not failed
+    if accepted:
+        decision["model_path"] = str(_export_accepted(spec, model))
+    _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
     reason = "; ".join(failed) if failed else "; ".join(text for _, text in checks.values())
     decision.update(accepted=bool(accepted), reason=reason,
                     checks={name: {"passed": ok, "detail": text}
@@ -156,6 +159,21 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     return RefitOutcome(generation=spec.generation, accepted=bool(accepted), reason=reason,
                         decision=decision, checkpoint_path=result.checkpoint_path,
                         model=model if accepted and spec.return_model else None)
+
+
+def _export_accepted(spec: RefitSpec, model) -> pathlib.Path:
+    """Write the verified metatomic export of an accepted candidate (``model.pt``, for
+    LAMMPS / i-PI / ``MetatomicCalculator``). Rejected candidates never get one: the
+    export and its verification cost ~0.8 s on one CPU thread, more than the rest of a
+    small refit, and only the checkpoint is needed to judge, swap or resume."""
+    from ..finetune.generation import METRICS_NAME, MODEL_NAME, read_json, write_json
+
+    path = _metatrain.export_model(model, spec.output_dir / MODEL_NAME, variant=spec.variant)
+    _metatrain.thaw(model)
+    metrics = read_json(spec.output_dir / METRICS_NAME)
+    if metrics is not None:
+        write_json(spec.output_dir / METRICS_NAME, {**metrics, "model_path": str(path)})
+    return path
 
 
 def _selection_frames(spec: RefitSpec) -> list:

@@ -4,7 +4,8 @@
 
     workdir/gen-0000/model.ckpt     the starting weights (incl. a newly created variant)
     workdir/gen-NNNN/               refit number NNNN (finetune()'s generation directory)
-        model.ckpt  model.pt  config.json  metrics.json
+        model.ckpt  config.json  metrics.json
+        model.pt                    the verified metatomic export: accepted refits only
         decision.json               accepted?, held-out errors of old and new model
     workdir/current.json            the generation the calculator runs (after a swap)
     workdir/history.jsonl           the learner's event log, one JSON object per line
