@@ -222,15 +222,16 @@ def main() -> None:
           f"{args.method}, seed {args.seed}: {out['calls']} {args.reference} calls, generation "
           f"{out['generation']}, max T {out['t_max']:.0f} K, {out['wall']:.0f} s")
     print("| held-out set | F MAE zero-shot (meV/Å) | F MAE final | ratio | "
-          "E MAE offset-removed zero-shot (meV/atom) | final |")
-    print("|---|---|---|---|---|---|")
+          "E MAE offset-removed zero-shot (meV/atom) | final | E MAE raw zero-shot | final |")
+    print("|---|---|---|---|---|---|---|---|")
     for key, title in (("md", "independent GFN2 MD frames"),
                        ("rattled", "rattled equilibrium")):
         b, a = out["before"][key], out["after"][key]
         print(f"| {title} | {b['forces_mae_meV_per_A']:.1f} | {a['forces_mae_meV_per_A']:.1f} | "
               f"{a['forces_mae_meV_per_A'] / b['forces_mae_meV_per_A']:.2f} | "
               f"{b['energy_mae_offset_removed_meV_per_atom']:.1f} | "
-              f"{a['energy_mae_offset_removed_meV_per_atom']:.1f} |")
+              f"{a['energy_mae_offset_removed_meV_per_atom']:.1f} | "
+              f"{b['energy_mae_meV_per_atom']:.1f} | {a['energy_mae_meV_per_atom']:.1f} |")
     during, otherwise, n = out["pace"]
     print(f"MD pace (median ms/step, includes the learner's own work): {during:.1f} during "
           f"refits ({n} steps), {otherwise:.1f} otherwise, ratio {during / otherwise:.2f}; "

@@ -218,6 +218,41 @@ def test_the_first_swap_of_a_new_variant_warns_about_the_energy_jump(parts, capl
     assert warnings and f"{jump:.4g} eV" in warnings[0].getMessage()
 
 
+def test_the_new_levels_energy_offset_is_swapped_in_when_every_heads_refit_is_refused(parts):
+    """The tiny test PET's heads solver finds nothing to gain (leave-one-out) and keeps
+    the head. The new variant must still end up at the new level's energies: the
+    per-element offset its first refit fitted is judged and swapped in alone, forces
+    untouched. (Before, the gate discarded it as "nothing to swap" and the variant kept
+    predicting the parent level's energies, 1 eV/atom off here.)"""
+    import json
+
+    calc, atoms, buffer, workdir = parts
+    probe = emt_frames(1, seed=91)[0]
+    probe.calc = calc
+    start_forces = probe.get_forces().copy()
+    reference = probe.copy()
+    reference.calc = ShiftedEMT()
+    target = reference.get_potential_energy()
+    assert abs(probe.get_potential_energy() - target) > 0.5 * len(probe)  # parent level
+    with OnTheFlyLearner(calc, ShiftedEMT(), buffer, workdir=workdir, select=every(1),
+                         refit_every=4, background=False) as learner:
+        for _ in range(6):
+            atoms.rattle(0.02, seed=len(learner.history))
+            atoms.get_potential_energy()
+            learner()
+    swaps = [row["generation"] for row in learner.history if row["event"] == "swap"]
+    assert swaps, [(row["event"], row.get("reason")) for row in learner.history]
+    decision = json.loads((workdir / f"gen-{swaps[0]:04d}" / "decision.json").read_text())
+    assert decision["fit_metrics"]["linear_solver"]["selected"] == "parent"
+    assert decision["checks"]["changed"]["passed"], decision["checks"]
+    assert "offset" in decision["checks"]["changed"]["detail"]
+    offset_only = FineTunableCalculator(workdir / f"gen-{swaps[0]:04d}" / "model.ckpt",
+                                        variant="energy/emt")
+    probe.calc = offset_only
+    assert abs(probe.get_potential_energy() - target) < 0.05 * len(probe)
+    np.testing.assert_allclose(probe.get_forces(), start_forces, atol=1e-5)
+
+
 def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_path, caplog):
     import logging
 

@@ -53,9 +53,10 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
               _errors(model, labels, name if name in _metatrain.energy_variants(model)
                       else run.parent) for name, labels in eval_sets.items()}
     before_variants = _metatrain.energy_variants(model)
+    offset = None  # the per-element correction of the composition, when one was fitted
     with _metatrain.seeded(config.seed):
         if run.parent is not None and config.new_variant_baseline == "residual":
-            _create_variant(run)
+            offset = _create_variant(run)
         elif config.new_variant_baseline == "residual":
             # a head a calculator created (a learner's generation 0) and no refit fitted
             # yet: the closed-form solve, pulled toward the parent head, would otherwise
@@ -65,7 +66,7 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
             # correction ended worse than zero-shot on two (BENCHMARKS.md, issue 10)
             twin = _untouched_copy_of(model, run.variant)
             if twin is not None:
-                _correct_composition(run, twin)
+                offset = _correct_composition(run, twin)
         solver_info = cache = None
         if config.effective_solver == "linear":
             best_epoch = None
@@ -88,6 +89,9 @@ def train(run: Run, *, scratch_dir: str, progress=None, reuse_rows_from=()) -> T
         "created_variant": run.parent is not None,  # "before" is then the parent head's
         "evaluation_labels": eval_key,  # which labels "before"/"after" were measured on
         "replay": {v: {"before": before[v], "after": after[v]} for v in replay_names},
+        # eV per atom of each element added to the parent's composition (the offset
+        # between two levels of theory), or None: the composition was not refitted
+        "composition_correction_eV": offset,
     }
     if solver_info is not None:
         metrics["linear_solver"] = solver_info
@@ -187,18 +191,18 @@ def _eval_sets(run: Run) -> Dict[str, List[Label]]:
     return {name: (run.val[name] or run.train[name]) for name in run.train}
 
 
-def _create_variant(run: Run) -> None:
+def _create_variant(run: Run) -> Dict[int, float]:
     """New variant = copy of the parent head, parent scale, corrected composition."""
     _metatrain.add_variant(run.model, run.variant, inherit_from=run.parent,
                            description=run.description)
-    _correct_composition(run, run.parent)
+    return _correct_composition(run, run.parent)
 
 
-def _correct_composition(run: Run, parent: str) -> None:
+def _correct_composition(run: Run, parent: str) -> Dict[int, float]:
     """Composition of the variant = the parent's + a minimum-norm per-element correction
     fitted to the training labels' residuals under the parent (the offset between two
     levels of theory, ~3 eV/atom for GFN1 → GFN2, which the heads would otherwise have
-    to absorb)."""
+    to absorb). Returns the correction, eV per atom of each element."""
     model, variant = run.model, run.variant
     labels = run.train[variant]
     predicted = _metatrain.predict(model, [l.atoms for l in labels], parent,
@@ -218,6 +222,7 @@ def _correct_composition(run: Run, parent: str) -> None:
         "new_variant_baseline='metatrain' does that)", variant, parent,
         {int(z): round(float(c), 4) for z, c in zip(types, correction)},
     )
+    return {int(z): float(c) for z, c in zip(types, correction)}
 
 
 def _untouched_copy_of(model, variant: str) -> Optional[str]:

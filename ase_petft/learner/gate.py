@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _metatrain
 from ..labels import labels_from_frames, reference_dicts
-from ..metrics import error_metrics, score
+from ..metrics import ENERGY_MAE, error_metrics, score
 from ..validation import non_negative_int, positive_float
 from . import workdir as wd
 
@@ -199,13 +199,13 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
     """Every check of the gate: ``{name: (passed, what was measured)}``; stops at the
     first failure (later checks cost time and cannot undo it)."""
     checks: Dict[str, Tuple[bool, str]] = {}
-    solver = decision.get("fit_metrics", {}).get("linear_solver") or {}
-    if solver.get("selected") == "parent":
-        checks["changed"] = (False, "nothing to swap: the linear solver kept the current "
-                             f"head ({solver.get('reason', '')})")
-        return checks
-    current = None  # the running generation's model, read once for both comparisons
     fit = decision.get("fit_metrics", {})
+    solver = fit.get("linear_solver") or {}
+    if solver.get("selected") == "parent":
+        checks["changed"] = _offset_only(fit, solver)
+        if not checks["changed"][0]:
+            return checks
+    current = None  # the running generation's model, read once for both comparisons
     for name, frames in (("holdout", spec.holdout), ("anchor", spec.anchor)):
         if not frames:
             continue
@@ -236,6 +236,25 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
     if spec.probe_atoms is not None and spec.gate.probe_steps > 0:
         checks["stability"] = _stability_probe(spec, model, checkpoint)
     return checks
+
+
+def _offset_only(fit: Dict[str, Any], solver: Dict[str, Any]) -> Tuple[bool, str]:
+    """The linear solver kept the current head. A candidate is left only if the refit
+    fitted the per-element energy offset of a new variant (its first refit): forces are
+    unchanged, energies move to the new level. Without that swap a run whose every heads
+    refit is refused would end predicting the *parent* level's energies under the new
+    variant's name (eV/atom off for GFN1 → GFN2, thousands of eV for xTB → DFT). It is
+    swapped in when the held-out energy error does not rise (and the other checks pass)."""
+    kept = f"the linear solver kept the current head ({solver.get('reason', '')})"
+    if not fit.get("composition_correction_eV"):
+        return False, f"nothing to swap: {kept}"
+    before, after = fit.get("before") or {}, fit.get("after") or {}
+    old, new = before.get(ENERGY_MAE), after.get(ENERGY_MAE)
+    if old is None or new is None:
+        return False, f"{kept}; the energy offset could not be judged (no held-out energies)"
+    ok = new <= old * (1.0 + 1e-9)
+    return ok, (f"{kept}; per-element energy offset fitted: held-out energy MAE {new:.4g} vs "
+                f"current {old:.4g} meV/atom")
 
 
 def _fit_evaluated(fit: Dict[str, Any], n_frames: int) -> bool:
