@@ -190,9 +190,45 @@ def run(args) -> dict:
             1e3 * float(np.median(times[~flags])) if (~flags).any() else float("nan"),
             int(flags.sum()))
     return dict(before=before, after=after, events=events, rejections=rejections, swaps=swaps, pace=pace,
-                plain=plain,
+                plain=plain, variant=variant, md_set=md_set, rattled_set=rattled_set,
                 calls=learner.reference_calls, generation=calc.generation,
                 t_max=max(temperatures, default=float("nan")), wall=wall, workdir=workdir)
+
+
+def candidates(workdir: pathlib.Path, variant: str, md_set, rattled_set) -> list:
+    """Every refit's candidate against the generation it was trained from, on the
+    independent sets: what each gate decision did (or would have done) to data no check
+    saw. Rows: generation, accepted, the failed check (or "accepted"), the do-no-harm
+    ratio (forces moved off / on the labelled structures), force MAE source → candidate
+    on both sets."""
+    import json
+
+    from ase_petft import FineTunableCalculator
+    from ase_petft.metrics import calculator_errors
+
+    learner = workdir / "learner"
+    cache = {}
+
+    def forces(generation: int) -> tuple:
+        if generation not in cache:
+            calc = FineTunableCalculator(learner / f"gen-{generation:04d}" / "model.ckpt",
+                                         variant=variant)
+            cache[generation] = tuple(calculator_errors(frames, calc)["forces_mae_meV_per_A"]
+                                      for frames in (md_set, rattled_set))
+        return cache[generation]
+
+    rows = []
+    for path in sorted(learner.glob("gen-*/decision.json")):
+        decision = json.loads(path.read_text())
+        harm = decision.get("no_harm") or {}
+        ratio = (harm["moved_off_data_meV_per_A"] / max(harm["moved_on_data_meV_per_A"], 20.0)
+                 if harm else float("nan"))
+        failed = [name for name, check in decision.get("checks", {}).items()
+                  if not check["passed"]]
+        rows.append((decision["generation"], decision["accepted"],
+                     failed[0] if failed else "accepted", ratio,
+                     forces(decision["source_generation"]), forces(decision["generation"])))
+    return rows
 
 
 def main() -> None:
@@ -242,6 +278,15 @@ def main() -> None:
         print("  rejected:", reason)
     for reason in out["swaps"]:
         print("  accepted:", reason)
+    print("\nevery candidate against its source generation, force MAE (meV/Å) on the "
+          "independent sets:")
+    print("| gen | decision | harm ratio | indep. MD source → candidate | rattled source → "
+          "candidate |")
+    print("|---|---|---|---|---|")
+    for gen, accepted, why, ratio, src, new in candidates(out["workdir"], out["variant"],
+                                                           out["md_set"], out["rattled_set"]):
+        print(f"| {gen} | {why} | {ratio:.2f} | {src[0]:.1f} → {new[0]:.1f} "
+              f"({new[0] / src[0]:.2f}) | {src[1]:.1f} → {new[1]:.1f} ({new[1] / src[1]:.2f}) |")
 
 
 if __name__ == "__main__":

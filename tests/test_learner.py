@@ -162,6 +162,9 @@ def check_in_memory_refits(calc, atoms, buffer, workdir, monkeypatch):
     decision = json.loads((workdir / f"gen-{swaps[-1]:04d}" / "decision.json").read_text())
     assert decision["checks"]["stability"]["passed"]
     assert "anchor" in decision["checks"]  # judged against the running model in memory
+    harm = decision["no_harm"]  # the do-no-harm numbers, as numbers
+    assert 0 < harm["moved_off_data_meV_per_A"] <= harm["bound_meV_per_A"]
+    assert f"{harm['moved_off_data_meV_per_A']:.1f} meV/Å" in decision["checks"]["no_harm"]["detail"]
     written = real_load(workdir / f"gen-{swaps[-1]:04d}" / "model.ckpt").state_dict()
     live = calc.model.state_dict()
     assert written.keys() == live.keys()

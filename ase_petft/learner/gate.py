@@ -230,7 +230,7 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
     if not checks:
         checks["holdout"] = (True, "no held-out labels yet: accepted without a gate")
     if spec.harm is not None:
-        checks["no_harm"] = _no_harm(spec, model)
+        checks["no_harm"] = _no_harm(spec, model, decision)
         if not checks["no_harm"][0]:
             return checks
     if spec.probe_atoms is not None and spec.gate.probe_steps > 0:
@@ -266,7 +266,7 @@ def _fit_evaluated(fit: Dict[str, Any], n_frames: int) -> bool:
             and after.get("n_frames") == n_frames and not fit.get("created_variant"))
 
 
-def _no_harm(spec: RefitSpec, model) -> Tuple[bool, str]:
+def _no_harm(spec: RefitSpec, model, decision: Dict[str, Any]) -> Tuple[bool, str]:
     import numpy as np
 
     harm = spec.harm
@@ -279,6 +279,9 @@ def _no_harm(spec: RefitSpec, model) -> Tuple[bool, str]:
     on_data = moved(harm.labelled, harm.labelled_forces)
     off_data = moved(harm.frames, harm.forces)
     bound = spec.gate.harm_factor * max(on_data, 0.02)
+    decision["no_harm"] = {"moved_off_data_meV_per_A": 1e3 * off_data,
+                           "moved_on_data_meV_per_A": 1e3 * on_data,
+                           "bound_meV_per_A": 1e3 * bound}
     return off_data <= bound, (
         f"forces moved {1e3 * off_data:.1f} meV/Å from the starting model on "
         f"{len(harm.frames)} rattled copies and {1e3 * on_data:.1f} on the labelled "
