@@ -615,6 +615,16 @@ def test_calculator_refit_trains_a_copy_of_the_live_model(emt_checkpoint, tmp_pa
     assert probe.get_potential_energy() == pytest.approx(reference["energy"], rel=1e-5,
                                                          abs=2e-5)
     np.testing.assert_allclose(probe.get_forces(), reference["forces"], rtol=1e-4, atol=1e-5)
+    assert result.model_path is not None and result.model_path.is_file()
+    # without the export: checkpoint and metrics only, the swap as before
+    again = calc.finetune(frames, FineTuneConfig(method="heads", keep_parent_unless_better=False),
+                          export=False)
+    assert again.model_path is None and not (again.checkpoint_path.parent / "model.pt").exists()
+    assert calc.generation == 2 and calc.checkpoint_path == again.checkpoint_path
+    probe.positions[0, 0] += 1e-9
+    reference = predictions(again.checkpoint_path, [probe], NEW)[0]
+    assert probe.get_potential_energy() == pytest.approx(reference["energy"], rel=1e-5,
+                                                         abs=2e-5)
 
 
 def test_checkpoint_accepted_by_mtt_export_and_eval(emt_checkpoint, tmp_path):

@@ -170,7 +170,8 @@ def finetune_with_model(checkpoint, frames, *, variant: str, config=None, output
 
 def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *,
                         output_dir: Optional[os.PathLike | str] = None, replay=None,
-                        progress: Optional[Progress] = None) -> FineTuneResult:
+                        progress: Optional[Progress] = None, export: bool = True
+                        ) -> FineTuneResult:
     """Fine-tune the live model of ``calc`` and hot-swap the result into it.
 
     Training starts from the calculator's *current* generation (its live weights,
@@ -187,7 +188,7 @@ def finetune_calculator(calc, frames, config: Optional[FineTuneConfig] = None, *
     result, model = finetune_with_model(
         calc.checkpoint_path, frames, variant=calc.variant, config=config,
         output_dir=output_dir, replay=replay, generation=generation, progress=progress,
-        export=True, device=calc.device, source_model=calc.model_copy())
+        export=export, device=calc.device, source_model=calc.model_copy())
     swapped = calc.swap_model(result.checkpoint_path, model=model)
     if swapped != generation:
         logger.warning("calculator reports generation %d after the swap, expected %d",
