@@ -22,7 +22,7 @@ from ase.optimize import BFGS
 from ase_petft import (ConfigError, FineTunableCalculator, FineTuneConfig, LabelBuffer,
                        PetftError)
 from ase_petft.learner import (OnTheFlyLearner, RattleConfig, StepContext, always, every,
-                               max_gap, never, uncertainty_above)
+                               max_gap, min_gap, never, uncertainty_above)
 from ase_petft.learner.gate import GateConfig
 from ase_petft.learner.watchdog import SimulationUnstableError, WatchdogConfig
 
@@ -642,3 +642,16 @@ def test_combinations_evaluate_the_uncertainty_only_when_needed():
     assert calls == [8, 8]
     either = uncertainty_above(0.05) | max_gap(20)
     assert either(_ctx(9, since=30, sigma=0.0, calls=calls)) and calls == [8, 8]
+
+
+def test_the_readmes_thinned_uncertainty_policy_evaluates_sigma_every_fifth_step():
+    """README: ``(uncertainty_above(0.01) & min_gap(60) & every(5)) | max_gap(200)``
+    asks for σ only on every 5th step once 60 steps passed, and labels when it is high
+    or after 200 steps."""
+    policy = (uncertainty_above(0.01) & min_gap(60) & every(5)) | max_gap(200)
+    calls = []
+    fired = [step for step in range(1, 201)
+             if policy(_ctx(step, since=step, sigma=0.0, calls=calls))]
+    assert calls == list(range(60, 200, 5)) and fired == [200]
+    calls.clear()
+    assert policy(_ctx(65, since=65, sigma=0.02, calls=calls)) and calls == [65]
