@@ -254,6 +254,33 @@ def test_absurd_refit_is_rejected_and_predictions_stay(run):
     assert probe.get_potential_energy() == pytest.approx(before, rel=1e-7)
 
 
+def test_rejected_checkpoints_are_deleted_when_asked_and_the_record_stays(run):
+    """GateConfig(keep_rejected_checkpoints=False): a refused candidate's model.ckpt goes
+    once its decision is written; decision, metrics and config stay. The starting
+    generation and the calculator are untouched."""
+    calc, atoms, buffer, workdir = run
+    bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
+                         divergence_factor=1e12)
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=5,
+                              background=False, workdir=workdir, holdout_fraction=0.4,
+                              config=bad, gate=GateConfig(keep_rejected_checkpoints=False))
+    dyn = _langevin(atoms)
+    dyn.attach(learner, interval=1)
+    dyn.run(5)
+    rejected = [row["generation"] for row in learner.history
+                if row["event"] == "refit_rejected"]
+    assert rejected, [row["event"] for row in learner.history]
+    for generation in rejected:
+        folder = workdir / f"gen-{generation:04d}"
+        assert not (folder / "model.ckpt").exists() and not (folder / "model.pt").exists()
+        for name in ("decision.json", "metrics.json", "config.json"):
+            assert (folder / name).is_file(), name
+        assert not json.loads((folder / "decision.json").read_text())["accepted"]
+    assert (workdir / "gen-0000" / "model.ckpt").is_file() and calc.generation == 0
+    with pytest.raises(ConfigError, match="keep_rejected_checkpoints"):
+        GateConfig(keep_rejected_checkpoints="no")
+
+
 class FlakyEMT(EMT):
     """Fails on every third call, like an SCF that does not converge."""
 

@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _metatrain
+from ..errors import ConfigError
 from ..labels import labels_from_frames, reference_dicts
 from ..metrics import ENERGY_MAE, error_metrics, score
 from ..validation import non_negative_int, positive_float
@@ -36,6 +37,11 @@ class GateConfig:
         along the probe (an NVE trajectory conserves it; a hole in the potential
         energy surface does not).
     :param probe_max_force_eV_per_A: largest force component along the probe.
+    :param keep_rejected_checkpoints: keep a rejected candidate's ``model.ckpt`` (for
+        diagnosis: what would it have done?). ``False`` deletes it once the decision is
+        written (``decision.json``, ``metrics.json`` and the heads rows stay): a
+        week-long run of a foundation-size model refused hundreds of times would
+        otherwise keep hundreds of full checkpoints.
     :param harm_factor: do-no-harm bound: on rattled copies (σ 0.05 Å) of the first
         labelled structures, the candidate's forces may move away from the starting
         model's by at most ``harm_factor`` × as much as they moved on the labelled
@@ -49,8 +55,12 @@ class GateConfig:
     probe_max_drift_eV_per_atom: float = 0.05
     probe_max_force_eV_per_A: float = 30.0
     harm_factor: float = 2.0
+    keep_rejected_checkpoints: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keep_rejected_checkpoints, bool):
+            raise ConfigError("keep_rejected_checkpoints must be True or False, got "
+                              f"{self.keep_rejected_checkpoints!r}")
         non_negative_int("probe_steps", self.probe_steps)
         for name in ("probe_timestep_fs", "probe_max_drift_eV_per_atom",
                      "probe_max_force_eV_per_A", "harm_factor"):
@@ -155,6 +165,8 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     wd.write_json(spec.output_dir / wd.DECISION, decision)
     if not accepted:
         logger.info("refit %d rejected: %s", spec.generation, reason)
+        if not spec.gate.keep_rejected_checkpoints:
+            result.checkpoint_path.unlink(missing_ok=True)
     # the swap copies the trained module's tensors: they are its checkpoint's, bit for bit
     return RefitOutcome(generation=spec.generation, accepted=bool(accepted), reason=reason,
                         decision=decision, checkpoint_path=result.checkpoint_path,
