@@ -209,13 +209,14 @@ def candidates(workdir: pathlib.Path, variant: str, md_set, rattled_set) -> list
     learner = workdir / "learner"
     cache = {}
 
-    def forces(generation: int) -> tuple:
-        if generation not in cache:
-            calc = FineTunableCalculator(learner / f"gen-{generation:04d}" / "model.ckpt",
+    def forces(generation: int, name: str = "model.ckpt") -> tuple:
+        if (generation, name) not in cache:
+            calc = FineTunableCalculator(learner / f"gen-{generation:04d}" / name,
                                          variant=variant)
-            cache[generation] = tuple(calculator_errors(frames, calc)["forces_mae_meV_per_A"]
-                                      for frames in (md_set, rattled_set))
-        return cache[generation]
+            cache[generation, name] = tuple(
+                calculator_errors(frames, calc)["forces_mae_meV_per_A"]
+                for frames in (md_set, rattled_set))
+        return cache[generation, name]
 
     rows = []
     for path in sorted(learner.glob("gen-*/decision.json")):
@@ -225,9 +226,13 @@ def candidates(workdir: pathlib.Path, variant: str, md_set, rattled_set) -> list
                  if harm else float("nan"))
         failed = [name for name, check in decision.get("checks", {}).items()
                   if not check["passed"]]
-        rows.append((decision["generation"], decision["accepted"],
-                     failed[0] if failed else "accepted", ratio,
-                     forces(decision["source_generation"]), forces(decision["generation"])))
+        # a refused candidate whose energy offset alone was swapped in: judge the
+        # candidate (refused.ckpt), the row says which check refused it
+        fallback = decision.get("fallback") == "offset_only"
+        why = (f"{failed[0]}+offset" if fallback else failed[0]) if failed else "accepted"
+        rows.append((decision["generation"], decision["accepted"], why, ratio,
+                     forces(decision["source_generation"]),
+                     forces(decision["generation"], "refused.ckpt" if fallback else "model.ckpt")))
     return rows
 
 

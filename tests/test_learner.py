@@ -233,8 +233,12 @@ def test_background_refit_lets_md_go_on(run):
     assert any(row["event"] in ("swap", "refit_rejected") for row in learner.history)
 
 
-def test_absurd_refit_is_rejected_and_predictions_stay(run):
-    calc, atoms, buffer, workdir = run
+def test_absurd_refit_is_rejected_and_predictions_stay(run, emt_checkpoint):
+    """On an existing head (no new level, so no energy offset to fall back to), a refit
+    that wrecks the model is refused and nothing changes."""
+    _, atoms, buffer, workdir = run
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    atoms.calc = calc
     bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
                          divergence_factor=1e12)
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=5,
@@ -254,11 +258,13 @@ def test_absurd_refit_is_rejected_and_predictions_stay(run):
     assert probe.get_potential_energy() == pytest.approx(before, rel=1e-7)
 
 
-def test_rejected_checkpoints_are_deleted_when_asked_and_the_record_stays(run):
+def test_rejected_checkpoints_are_deleted_when_asked_and_the_record_stays(run, emt_checkpoint):
     """GateConfig(keep_rejected_checkpoints=False): a refused candidate's model.ckpt goes
     once its decision is written; decision, metrics and config stay. The starting
-    generation and the calculator are untouched."""
-    calc, atoms, buffer, workdir = run
+    generation and the calculator are untouched (an existing head: no offset fall-back)."""
+    _, atoms, buffer, workdir = run
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    atoms.calc = calc
     bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
                          divergence_factor=1e12)
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=5,

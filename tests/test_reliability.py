@@ -218,6 +218,17 @@ def test_the_first_swap_of_a_new_variant_warns_about_the_energy_jump(parts, capl
     assert warnings and f"{jump:.4g} eV" in warnings[0].getMessage()
 
 
+def _probe_at_the_new_level(calc):
+    """A structure on ``calc``, its starting forces and its ShiftedEMT energy (the new
+    level the learner is to reach)."""
+    probe = emt_frames(1, seed=91)[0]
+    probe.calc = calc
+    start_forces = probe.get_forces().copy()
+    reference = probe.copy()
+    reference.calc = ShiftedEMT()
+    return probe, start_forces, reference.get_potential_energy()
+
+
 def test_the_new_levels_energy_offset_is_swapped_in_when_every_heads_refit_is_refused(parts):
     """The tiny test PET's heads solver finds nothing to gain (leave-one-out) and keeps
     the head. The new variant must still end up at the new level's energies: the
@@ -227,12 +238,7 @@ def test_the_new_levels_energy_offset_is_swapped_in_when_every_heads_refit_is_re
     import json
 
     calc, atoms, buffer, workdir = parts
-    probe = emt_frames(1, seed=91)[0]
-    probe.calc = calc
-    start_forces = probe.get_forces().copy()
-    reference = probe.copy()
-    reference.calc = ShiftedEMT()
-    target = reference.get_potential_energy()
+    probe, start_forces, target = _probe_at_the_new_level(calc)
     assert abs(probe.get_potential_energy() - target) > 0.5 * len(probe)  # parent level
     with OnTheFlyLearner(calc, ShiftedEMT(), buffer, workdir=workdir, select=every(1),
                          refit_every=4, background=False) as learner:
@@ -251,6 +257,47 @@ def test_the_new_levels_energy_offset_is_swapped_in_when_every_heads_refit_is_re
     probe.calc = offset_only
     assert abs(probe.get_potential_energy() - target) < 0.05 * len(probe)
     np.testing.assert_allclose(probe.get_forces(), start_forces, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_refused_candidate_still_brings_the_new_levels_energy_offset(parts, keep):
+    """A full refit that the gate refuses (a learning rate that wrecks the backbone)
+    also fitted the new variant's per-element offset. The fall-back swaps in the running
+    model with that offset alone: energies at the new level, forces untouched, the
+    refused weights kept aside (refused.ckpt) for diagnosis."""
+    import json
+
+    from ase_petft import _metatrain
+    from ase_petft.learner.gate import GateConfig
+
+    calc, atoms, buffer, workdir = parts
+    probe, start_forces, target = _probe_at_the_new_level(calc)
+    bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
+                         divergence_factor=1e12)
+    with OnTheFlyLearner(calc, ShiftedEMT(), buffer, workdir=workdir, select=every(1),
+                         refit_every=5, background=False, holdout_fraction=0.4,
+                         config=bad, gate=GateConfig(keep_rejected_checkpoints=keep)) as learner:
+        for _ in range(5):
+            atoms.rattle(0.02, seed=len(learner.history))
+            atoms.get_potential_energy()
+            learner()
+    swaps = [row["generation"] for row in learner.history if row["event"] == "swap"]
+    assert swaps == [1], [(row["event"], row.get("reason")) for row in learner.history]
+    folder = workdir / "gen-0001"
+    decision = json.loads((folder / "decision.json").read_text())
+    assert decision["accepted"] and decision["fallback"] == "offset_only"
+    assert not decision["checks"]["holdout"]["passed"]  # the candidate itself was refused
+    assert decision["checks"]["offset_only"]["passed"]
+    assert (folder / "refused.ckpt").exists() == keep
+    if keep:
+        refused = _metatrain.load_model(folder / "refused.ckpt")
+        assert not np.allclose(_metatrain.last_layer_vector(refused, calc.variant),
+                               _metatrain.last_layer_vector(calc.model, calc.variant))
+    probe.positions[0, 0] += 1e-9  # a new calculation: the live calculator
+    assert abs(probe.get_potential_energy() - target) < 0.05 * len(probe)
+    np.testing.assert_allclose(probe.get_forces(), start_forces, atol=1e-5)
+    exported = folder / "model.pt"  # and the swapped generation's export agrees
+    assert exported.is_file()
 
 
 def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_path, caplog):

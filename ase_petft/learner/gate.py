@@ -153,11 +153,16 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     }
     checks = _judge(spec, model, result.checkpoint_path, decision)
     failed = [f"{name}: {text}" for name, (ok, text) in checks.items() if not ok]
-    accepted = not failed
-    if accepted:
-        decision["model_path"] = str(_export_accepted(spec, model))
     _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
-    reason = "; ".join(failed) if failed else "; ".join(text for _, text in checks.values())
+    swapped = None if failed else model
+    if failed and "changed" not in checks and result.metrics.get("composition_correction_eV"):
+        swapped, checks["offset_only"] = _offset_fallback(spec, model, result.checkpoint_path)
+        decision["fallback"] = "offset_only" if swapped is not None else None
+    accepted = swapped is not None
+    if accepted:
+        decision["model_path"] = str(_export_accepted(spec, swapped))
+    reason = "; ".join(text for _, text in checks.values()) if not failed else "; ".join(
+        failed + ([f"offset_only: {checks['offset_only'][1]}"] if accepted else []))
     decision.update(accepted=bool(accepted), reason=reason,
                     checks={name: {"passed": ok, "detail": text}
                             for name, (ok, text) in checks.items()},
@@ -165,12 +170,47 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     wd.write_json(spec.output_dir / wd.DECISION, decision)
     if not accepted:
         logger.info("refit %d rejected: %s", spec.generation, reason)
-        if not spec.gate.keep_rejected_checkpoints:
-            result.checkpoint_path.unlink(missing_ok=True)
-    # the swap copies the trained module's tensors: they are its checkpoint's, bit for bit
+    if not spec.gate.keep_rejected_checkpoints:  # the refused candidate's weights
+        (result.checkpoint_path.with_name(REFUSED) if accepted
+         else result.checkpoint_path).unlink(missing_ok=True)
+    # the swap copies the module's tensors: they are its checkpoint's, bit for bit
     return RefitOutcome(generation=spec.generation, accepted=bool(accepted), reason=reason,
                         decision=decision, checkpoint_path=result.checkpoint_path,
-                        model=model if accepted and spec.return_model else None)
+                        model=swapped if spec.return_model else None)
+
+
+# the refused candidate's checkpoint when its energy offset alone was swapped in
+REFUSED = "refused.ckpt"
+
+
+def _offset_fallback(spec: RefitSpec, candidate, checkpoint: pathlib.Path):
+    """The refit fitted a new variant's per-element energy offset (its first refit)
+    but the candidate failed the gate. The fall-back toward the running model: its
+    weights with only that offset. Forces are unchanged, so nothing but the energies is
+    judged: swapped in when the held-out energy MAE falls. Otherwise a run whose every
+    candidate is refused ends predicting the parent level's energies under the new
+    variant's name (eV/atom off for GFN1 → GFN2, hundreds for xTB → DFT). Returns
+    ``(model or None, (passed, what was measured))``; on success ``checkpoint`` holds
+    the fall-back and the candidate moves to ``refused.ckpt``."""
+    import os
+
+    if not spec.holdout:
+        return None, (False, "no held-out labels to judge the energy offset alone on")
+    current = (spec.source_model if spec.source_model is not None
+               else _metatrain.load_model(spec.source_checkpoint))
+    fallback = _metatrain.copy_model(current)
+    _metatrain.set_composition_weights(
+        fallback, spec.variant, _metatrain.composition_weights(candidate, spec.variant))
+    old, _ = evaluate_generation(current, list(spec.holdout), spec.variant)
+    new, _ = evaluate_generation(fallback, list(spec.holdout), spec.variant)
+    text = (f"the running model with the refit's per-element energy offset: held-out "
+            f"energy MAE {new[ENERGY_MAE]:.4g} vs current {old[ENERGY_MAE]:.4g} meV/atom "
+            f"({len(spec.holdout)} labels; forces unchanged)")
+    if not new[ENERGY_MAE] < old[ENERGY_MAE]:
+        return None, (False, text)
+    os.replace(checkpoint, checkpoint.with_name(REFUSED))
+    _metatrain.save_checkpoint(fallback, checkpoint)
+    return fallback, (True, text)
 
 
 def _export_accepted(spec: RefitSpec, model) -> pathlib.Path:

@@ -6,6 +6,8 @@
     workdir/gen-NNNN/               refit number NNNN (finetune()'s generation directory)
         model.ckpt  config.json  metrics.json
         model.pt                    the verified metatomic export: accepted refits only
+        refused.ckpt                a refused candidate whose energy offset alone was
+                                    swapped in (model.ckpt then holds that fall-back)
         decision.json               accepted?, held-out errors of old and new model
     workdir/current.json            the generation the calculator runs (after a swap)
     workdir/history.jsonl           the learner's event log, one JSON object per line
