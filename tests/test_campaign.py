@@ -248,8 +248,12 @@ def test_coordinator_sigkill_then_restart_repeats_no_reference_call(emt_checkpoi
         while time.time() < deadline and proc.poll() is None:
             labels = sum('"event": "label"' in line for line in (
                 history.read_text().splitlines() if history.is_file() else []))
-            snapshots = list((tmp_path / "campaign" / "walkers").glob("*.json"))
-            if labels >= 6 and len(snapshots) == 2:
+            snapshots = [wd.read_json(path) for path in
+                         (tmp_path / "campaign" / "walkers").glob("*.json")]
+            # a walker's first snapshot is its launch (step 0): wait for one from its MD
+            # (under load the 6 labels can come before it; seen once in CI)
+            if labels >= 6 and len(snapshots) == 2 and all(
+                    snap is not None and snap["step"] > 0 for snap in snapshots):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, log.read_text()[-3000:]
