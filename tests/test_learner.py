@@ -233,23 +233,30 @@ def test_background_refit_lets_md_go_on(run):
     assert any(row["event"] in ("swap", "refit_rejected") for row in learner.history)
 
 
-def test_absurd_refit_is_rejected_and_predictions_stay(run, emt_checkpoint):
-    """On an existing head (no new level, so no energy offset to fall back to), a refit
-    that wrecks the model is refused and nothing changes."""
-    _, atoms, buffer, workdir = run
-    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+def _absurd_refits(calc, atoms, buffer, workdir, gate=None):
+    """5 MD steps, each labelled, and one full refit with a learning rate that wrecks
+    the model (the gate must refuse it). Returns the learner."""
     atoms.calc = calc
     bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
                          divergence_factor=1e12)
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=5,
                               background=False, workdir=workdir, holdout_fraction=0.4,
-                              config=bad)
-    probe = emt_frames(1, seed=77)[0]
-    probe.calc = calc
-    before = probe.get_potential_energy()
+                              config=bad, gate=gate)
     dyn = _langevin(atoms)
     dyn.attach(learner, interval=1)
     dyn.run(5)
+    return learner
+
+
+def test_absurd_refit_is_rejected_and_predictions_stay(run, emt_checkpoint):
+    """On an existing head (no new level, so no energy offset to fall back to), a refit
+    that wrecks the model is refused and nothing changes."""
+    _, atoms, buffer, workdir = run
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    probe = emt_frames(1, seed=77)[0]
+    probe.calc = calc
+    before = probe.get_potential_energy()
+    learner = _absurd_refits(calc, atoms, buffer, workdir)
     events = [row["event"] for row in learner.history]
     assert "refit_rejected" in events or "refit_failed" in events, events
     assert calc.generation == 0
@@ -264,15 +271,8 @@ def test_rejected_checkpoints_are_deleted_when_asked_and_the_record_stays(run, e
     generation and the calculator are untouched (an existing head: no offset fall-back)."""
     _, atoms, buffer, workdir = run
     calc = FineTunableCalculator(emt_checkpoint, variant="energy")
-    atoms.calc = calc
-    bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
-                         divergence_factor=1e12)
-    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=5,
-                              background=False, workdir=workdir, holdout_fraction=0.4,
-                              config=bad, gate=GateConfig(keep_rejected_checkpoints=False))
-    dyn = _langevin(atoms)
-    dyn.attach(learner, interval=1)
-    dyn.run(5)
+    learner = _absurd_refits(calc, atoms, buffer, workdir,
+                             gate=GateConfig(keep_rejected_checkpoints=False))
     rejected = [row["generation"] for row in learner.history
                 if row["event"] == "refit_rejected"]
     assert rejected, [row["event"] for row in learner.history]
