@@ -156,7 +156,8 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
     swapped = None if failed else model
     if failed and "changed" not in checks and result.metrics.get("composition_correction_eV"):
-        swapped, checks["offset_only"] = _offset_fallback(spec, model, result.checkpoint_path)
+        swapped, checks["offset_only"] = _offset_fallback(spec, model, result.checkpoint_path,
+                                                          decision)
         decision["fallback"] = "offset_only" if swapped is not None else None
     accepted = swapped is not None
     if accepted:
@@ -183,7 +184,8 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
 REFUSED = "refused.ckpt"
 
 
-def _offset_fallback(spec: RefitSpec, candidate, checkpoint: pathlib.Path):
+def _offset_fallback(spec: RefitSpec, candidate, checkpoint: pathlib.Path,
+                     decision: Dict[str, Any]):
     """The refit fitted a new variant's per-element energy offset (its first refit)
     but the candidate failed the gate. The fall-back toward the running model: its
     weights with only that offset. Forces are unchanged, so nothing but the energies is
@@ -201,7 +203,9 @@ def _offset_fallback(spec: RefitSpec, candidate, checkpoint: pathlib.Path):
     fallback = _metatrain.copy_model(current)
     _metatrain.set_composition_weights(
         fallback, spec.variant, _metatrain.composition_weights(candidate, spec.variant))
-    old, _ = evaluate_generation(current, list(spec.holdout), spec.variant)
+    old = (decision.get("holdout") or {}).get("old")  # the gate's own, when it ran
+    if old is None:
+        old, _ = evaluate_generation(current, list(spec.holdout), spec.variant)
     new, _ = evaluate_generation(fallback, list(spec.holdout), spec.variant)
     text = (f"the running model with the refit's per-element energy offset: held-out "
             f"energy MAE {new[ENERGY_MAE]:.4g} vs current {old[ENERGY_MAE]:.4g} meV/atom "
