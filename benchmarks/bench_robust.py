@@ -198,7 +198,8 @@ def run(args) -> dict:
 def candidates(workdir: pathlib.Path, variant: str, md_set, rattled_set) -> list:
     """Every refit's candidate against the generation it was trained from, on the
     independent sets: what each gate decision did (or would have done) to data no check
-    saw. Rows: generation, accepted, the failed check (or "accepted"), the do-no-harm
+    saw. Rows: generation, accepted, the failed check (or "accepted", and the review's
+    verdict on the labels met while it ran), the do-no-harm
     ratio (forces moved off / on the labelled structures), force MAE source → candidate
     on both sets."""
     import json
@@ -230,6 +231,12 @@ def candidates(workdir: pathlib.Path, variant: str, md_set, rattled_set) -> list
         # candidate (refused.ckpt), the row says which check refused it
         fallback = decision.get("fallback") == "offset_only"
         why = (f"{failed[0]}+offset" if fallback else failed[0]) if failed else "accepted"
+        review = path.parent / "review.json"  # the labels met while it ran (accepted only)
+        if review.is_file():
+            record = json.loads(review.read_text())
+            why += (f", review {'kept' if record['passed'] else 'RETRACTED'} "
+                    f"({record['new']['forces_mae_meV_per_A']:.0f} vs "
+                    f"{record['old']['forces_mae_meV_per_A']:.0f} on {record['n_labels']})")
         rows.append((decision["generation"], decision["accepted"], why, ratio,
                      forces(decision["source_generation"]),
                      forces(decision["generation"], "refused.ckpt" if fallback else "model.ckpt")))

@@ -299,6 +299,65 @@ class FlakyEMT(EMT):
         super().calculate(atoms, properties, system_changes or [])
 
 
+def _mean_force_error(checkpoint, frames) -> float:
+    """Force MAE (eV/Å) of a checkpoint's ``energy`` head against the frames' EMT forces."""
+    calc = FineTunableCalculator(checkpoint, variant="energy")
+    errors = []
+    for frame in frames:
+        probe = frame.copy()
+        probe.calc = calc
+        errors.append(np.abs(probe.get_forces() - frame.get_forces()).ravel())
+    return float(np.mean(np.concatenate(errors)))
+
+
+def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoint):
+    """Without held-out labels, probe or do-no-harm bound the gate lets a wrecking full
+    refit through. The labels collected while it runs (trained on by neither it nor the
+    generation it replaced) show it worse: before the next refit it is retracted, the
+    learner rolls back, the next refit starts from the generation it replaced, and the
+    retracted one is never run again (not by rollback(), not on resume)."""
+    _, _, buffer, workdir = run
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
+                         divergence_factor=1e12)
+    learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=4,
+                              background=False, workdir=workdir, holdout_fraction=0.0,
+                              config=bad, rattle=RattleConfig(every=0),
+                              gate=GateConfig(probe_steps=0, harm_factor=1e9))
+    frames = emt_frames(9, seed=31)
+    for step, frame in enumerate(frames[:4]):
+        learner.record_label(frame, step=step, generation=calc.generation)
+    learner.poll()
+    assert calc.generation == 1  # the wrecking refit, let through
+    # two labels asked before the swap, two under generation 1: a refit is due, but
+    # generation 1 has too few labels of its own to be judged, so the refit waits
+    for step, frame in enumerate(frames[4:8], start=4):
+        learner.record_label(frame, step=step, generation=0 if step < 6 else 1)
+    learner.poll()
+    assert [r for r in learner.history if r["event"] == "refit_start"][-1]["generation"] == 1
+    learner.record_label(frames[8], step=8, generation=1)
+    learner.poll()  # review of generation 1, rollback, refit 2 from generation 0
+    learner.close()
+    review = json.loads((workdir / "gen-0001" / "review.json").read_text())
+    assert review["passed"] is False and review["n_labels"] == 3
+    # oracle: the two checkpoints against EMT on the labels generation 1 met
+    worse = _mean_force_error(workdir / "gen-0001" / "model.ckpt", frames[6:])
+    before = _mean_force_error(workdir / "gen-0000" / "model.ckpt", frames[6:])
+    assert worse > 2 * before
+    assert review["new"]["forces_mae_meV_per_A"] == pytest.approx(1e3 * worse, rel=1e-3)
+    assert review["old"]["forces_mae_meV_per_A"] == pytest.approx(1e3 * before, rel=1e-3)
+    events = [(row["event"], row.get("generation")) for row in learner.history]
+    assert events.index(("rollback", 0)) < events.index(("refit_start", 2))
+    second = json.loads((workdir / "gen-0002" / "decision.json").read_text())
+    assert second["source_generation"] == 0
+    with pytest.raises(ConfigError, match="retracted"):
+        learner.rollback(1)
+    again = FineTunableCalculator(emt_checkpoint, variant="energy")
+    with OnTheFlyLearner(again, EMT(), buffer, workdir=workdir, background=False) as resumed:
+        assert again.generation == 2
+        assert resumed.rollback() == 0  # the one before generation 2 that may run
+
+
 def test_failing_reference_is_recorded_and_run_goes_on(run):
     calc, atoms, buffer, workdir = run
     learner = OnTheFlyLearner(calc, FlakyEMT(), buffer, select=every(1), refit_every=100,

@@ -44,7 +44,7 @@ import numpy as np
 from .._locks import ExclusiveLock
 from ..errors import ConfigError, LabellingError
 from . import _support as support
-from . import gate
+from . import gate, review
 from . import workdir as wd
 from .gate import GateConfig, HarmSet
 from .rattle import RattleConfig, rattled_copy
@@ -202,7 +202,9 @@ class OnTheFlyLearner:
 
     def _restore_generation(self, done) -> None:
         current = wd.read_json(self.workdir / wd.CURRENT)
-        accepted = [d["generation"] for d in done if d.get("accepted")]
+        retracted = review.retracted(self.workdir)
+        accepted = [d["generation"] for d in done
+                    if d.get("accepted") and d["generation"] not in retracted]
         target = current["generation"] if current and current.get("rollback") else None
         if target is None and accepted:
             target = max(accepted)
@@ -454,6 +456,8 @@ class OnTheFlyLearner:
         train, holdout = self._split()
         if len(train) < max(2, self.config.min_frames):
             return
+        if not self._review_running(final=force):
+            return  # the running generation's review first: it waits for its labels
         self._attempt += 1
         in_process = self._executor is None or isinstance(
             self._executor, concurrent.futures.ThreadPoolExecutor)
@@ -477,6 +481,33 @@ class OnTheFlyLearner:
             return
         self._share_cores()
         self._future = self._pool().submit(support.safe_refit, spec, self.refit_threads)
+
+    def _review_running(self, *, final: bool = False) -> bool:
+        """Before a refit starts from the running generation: compare it with the one
+        it replaced on the labels collected while it ran (:mod:`.review`), and roll back
+        to that one if it is worse there. Returns False while those labels are too few:
+        the refit waits for them (building on a generation no independent label has
+        judged is how one wrong early decision steered whole runs), unless no more
+        labels can come (``final``, the label budget spent)."""
+        generation = self.calc.generation
+        decision = review.needs_review(self.workdir, generation)
+        if decision is None:
+            return True
+        frames = review.labelled_under(self._frames(), generation)
+        if not review.enough(frames):
+            spent = self.max_labels is not None and self._n_labels >= self.max_labels
+            return final or spent
+        record = review.review(self.workdir, generation, decision, frames,
+                               model=self.calc.model, variant=self.variant,
+                               tolerance=self.tolerance)
+        self._event("review", reviewed=generation, passed=record["passed"],
+                    n_review_labels=record["n_labels"], old=record["old"], new=record["new"])
+        if not record["passed"]:
+            logger.warning("generation %d retracted: %s", generation, record["detail"])
+            if generation in self.watchdog.good_generations:
+                self.watchdog.good_generations.remove(generation)
+            self.rollback(record["source_generation"])
+        return True
 
     def _anchor_set(self, holdout) -> tuple:
         if self._anchor is None:  # fixed at the first refit, never moves afterwards
@@ -613,15 +644,17 @@ class OnTheFlyLearner:
 
     def rollback(self, generation: Optional[int] = None) -> int:
         """Swap an earlier accepted generation (default: the one before the current)."""
+        retracted = review.retracted(self.workdir)
         accepted = sorted({0} | {d["generation"] for d in wd.decisions(self.workdir)
-                                 if d.get("accepted")})
+                                 if d.get("accepted") and d["generation"] not in retracted})
         if generation is None:
             earlier = [g for g in accepted if g < self.calc.generation]
             if not earlier:
                 raise ConfigError(f"no generation before {self.calc.generation} to roll back to")
             generation = earlier[-1]
         if generation not in accepted:
-            raise ConfigError(f"generation {generation} was never accepted; accepted: {accepted}")
+            raise ConfigError(f"generation {generation} cannot run again: it was never accepted "
+                              f"or its review retracted it; these can: {accepted}")
         path = wd.gen_dir(self.workdir, generation) / "model.ckpt"
         outcome = gate.RefitOutcome(generation=generation, accepted=True, reason="rollback",
                                     decision={}, checkpoint_path=path)
