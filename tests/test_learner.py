@@ -101,6 +101,13 @@ def test_md_with_inline_refits_swaps_in_the_same_calculator(run):
     assert events.count("label") == len(buffer) >= 10
     assert events.count("swap") >= 2 and calc.generation >= 2
     assert atoms.calc is calc
+    # a refit built on a swapped-in generation only after its review on the labels
+    # collected while it ran (this permissive gate's tolerance keeps every one)
+    reviews = [r for r in learner.history if r["event"] == "review"]
+    sources = [json.loads(p.read_text())["source_generation"]
+               for p in sorted(workdir.glob("gen-*/decision.json"))]
+    assert {r["reviewed"] for r in reviews} == {g for g in sources if g > 0}
+    assert all(r["passed"] and r["n_review_labels"] >= 3 for r in reviews)
     # results after a swap come from the swapped weights
     fresh = atoms.copy()
     fresh.calc = FineTunableCalculator(calc.checkpoint_path, variant="energy/emt",
