@@ -501,7 +501,8 @@ class OnTheFlyLearner:
                                model=self.calc.model, variant=self.variant,
                                tolerance=self.tolerance)
         self._event("review", reviewed=generation, passed=record["passed"],
-                    n_review_labels=record["n_labels"], old=record["old"], new=record["new"])
+                    n_review_labels=record["n_labels"], old=record["old"], new=record["new"],
+                    wall_time_s=record["wall_time_s"])
         if not record["passed"]:
             logger.warning("generation %d retracted: %s", generation, record["detail"])
             if generation in self.watchdog.good_generations:

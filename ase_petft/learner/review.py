@@ -68,14 +68,18 @@ def review(workdir: pathlib.Path, generation: int, decision: Dict[str, Any], fra
            *, model, variant: str, tolerance: float) -> Dict[str, Any]:
     """Compare ``model`` (generation ``generation``, running) with the generation it
     replaced on ``frames``; write and return the record (``passed``, both errors)."""
+    import time
+
     from .gate import evaluate_generation
 
+    start = time.perf_counter()
     source = int(decision["source_generation"])
     new, _ = evaluate_generation(model, list(frames), variant)
     old, _ = evaluate_generation(wd.checkpoint_of(workdir, source), list(frames), variant)
     passed = score(new) <= (1.0 + tolerance) * score(old) * (1.0 + 1e-9)
     record = {"generation": generation, "source_generation": source, "passed": bool(passed),
               "n_labels": len(frames), "old": old, "new": new,
+              "wall_time_s": time.perf_counter() - start,  # on the simulation's thread
               "detail": (f"on {len(frames)} labels collected while generation {generation} "
                          f"ran: score {score(new):.4g} vs {score(old):.4g} of generation "
                          f"{source} (tolerance {tolerance:.0%})")}
