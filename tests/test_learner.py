@@ -363,6 +363,11 @@ def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoin
     with OnTheFlyLearner(again, EMT(), buffer, workdir=workdir, background=False) as resumed:
         assert again.generation == 2
         assert resumed.rollback() == 0  # the one before generation 2 that may run
+    from ase_petft.report import generation_table, load_run
+
+    rows = {r["generation"]: r for r in generation_table(load_run(workdir))}
+    assert rows[1]["accepted"] and rows[1]["review"] == "retracted"
+    assert rows[2]["review"] is None  # nothing labelled under it
 
 
 def test_failing_reference_is_recorded_and_run_goes_on(run):

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from typing import Any, Dict, List, Optional
 
 from ..metrics import score
 from . import workdir as wd
+from .gate import evaluate_generation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REVIEW", "MIN_LABELS", "MIN_STRUCTURES", "needs_review", "review", "retracted"]
+__all__ = ["REVIEW", "MIN_LABELS", "MIN_STRUCTURES", "needs_review", "labelled_under",
+           "enough", "review", "retracted"]
 
 REVIEW = "review.json"
 MIN_LABELS = 3
@@ -60,6 +63,8 @@ def labelled_under(frames: List, generation: int) -> List:
 
 
 def enough(frames: List) -> bool:
+    """Whether ``frames`` can judge a generation: ``MIN_LABELS`` labels from
+    ``MIN_STRUCTURES`` structures that are not rattled copies of another."""
     structures = sum(not a.info.get("rattled") for a in frames)
     return len(frames) >= MIN_LABELS and structures >= MIN_STRUCTURES
 
@@ -68,10 +73,6 @@ def review(workdir: pathlib.Path, generation: int, decision: Dict[str, Any], fra
            *, model, variant: str, tolerance: float) -> Dict[str, Any]:
     """Compare ``model`` (generation ``generation``, running) with the generation it
     replaced on ``frames``; write and return the record (``passed``, both errors)."""
-    import time
-
-    from .gate import evaluate_generation
-
     start = time.perf_counter()
     source = int(decision["source_generation"])
     new, _ = evaluate_generation(model, list(frames), variant)

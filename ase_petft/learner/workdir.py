@@ -9,6 +9,9 @@
         refused.ckpt                a refused candidate whose energy offset alone was
                                     swapped in (model.ckpt then holds that fall-back)
         decision.json               accepted?, held-out errors of old and new model
+        review.json                 an accepted generation judged against the one it
+                                    replaced on the labels collected while it ran
+                                    (``passed: false``: retracted, never run again)
     workdir/current.json            the generation the calculator runs (after a swap)
     workdir/history.jsonl           the learner's event log, one JSON object per line
     workdir/walkers/NAME.json       a campaign walker's last snapshot (structure, step)

@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import InputError
 from ..learner import workdir as gens
 from ..learner.gate import evaluate_generation
+from ..learner.review import REVIEW
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ def load_run(workdir) -> Dict[str, Any]:
                          f"{gens.HISTORY} and no gen-NNNN folders); pass the workdir= "
                          "given to OnTheFlyLearner")
     metrics = {int(p.name[4:]): gens.read_json(p / "metrics.json") for p in folders}
+    reviews = {int(p.name[4:]): gens.read_json(p / REVIEW) for p in folders}
     return {"workdir": workdir, "history": history, "decisions": gens.decisions(workdir),
             "metrics": {g: m for g, m in metrics.items() if m is not None},
+            "reviews": {g: r for g, r in reviews.items() if r is not None},
             "current": gens.read_json(workdir / gens.CURRENT),
             "n_attempts": len([p for p in folders if int(p.name[4:]) > 0])}
 
@@ -155,6 +158,7 @@ def generation_table(run: Dict[str, Any]) -> List[Dict[str, Any]]:
             "method": fit.get("method"), "solver": fit.get("solver"),
             "variant": fit.get("variant") or (run["metrics"].get(g) or {}).get("variant"),
             "step_started": started.get(g), "step_applied": applied.get(g),
+            "review": _review_verdict(run.get("reviews", {}).get(g)),
         })
     return rows
 
@@ -259,6 +263,14 @@ def _evaluate(checkpoint: pathlib.Path, variant: str, frames: list) -> Dict[str,
 
 
 # ---------------------------------------------------------------------- summary
+def _ok(row: Dict[str, Any]) -> str:
+    """The summary's "ok" column: yes / no, "ret" for an accepted generation that its
+    review retracted."""
+    if row.get("review") == "retracted":
+        return "ret"
+    return "yes" if row["accepted"] else "no"
+
+
 def _fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -278,6 +290,13 @@ def _walker_lines(walkers: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _review_verdict(record: Optional[Dict[str, Any]]) -> Optional[str]:
+    """"kept" / "retracted" after the review on the labels a generation met, or None."""
+    if record is None:
+        return None
+    return "kept" if record.get("passed") else "retracted"
+
+
 def summary_text(run: Dict[str, Any], generations, labels, parity, variant) -> str:
     history = run["history"]
     swaps = _events(history, "swap")
@@ -290,17 +309,19 @@ def summary_text(run: Dict[str, Any], generations, labels, parity, variant) -> s
         f"({sum(r['holdout'] for r in labels)} held out); labels reused: "
         f"{len(_events(history, 'label_reused'))}",
         f"refits: {len(generations)} finished ({len(accepted)} accepted, "
-        f"{len(generations) - len(accepted)} rejected), "
+        f"{len(generations) - len(accepted)} rejected; "
+        f"{sum(r['review'] == 'retracted' for r in generations)} retracted by their review), "
         f"{len(_events(history, 'refit_failed'))} failed; swaps: {len(swaps)}; running "
         f"generation: {(run['current'] or {}).get('generation', 0)}",
     ]
     if generations:
         lines += ["", f"{'gen':>4} {'ok':>3} {'train':>5} {'held':>4} {'F old':>8} "
                       f"{'F new':>8} {'E old':>8} {'E new':>8} {'fit s':>6} {'step':>6}",
-                  "     (held-out MAE: F meV/Å, E meV/atom)"]
+                  "     (held-out MAE: F meV/Å, E meV/atom; ok 'ret': accepted, then "
+                  "retracted by its review)"]
         for r in generations:
             lines.append(
-                f"{r['generation']:>4} {'yes' if r['accepted'] else 'no':>3} "
+                f"{r['generation']:>4} {_ok(r):>3} "
                 f"{_fmt(r['n_train'], 'd'):>5} {_fmt(r['n_holdout'], 'd'):>4} "
                 f"{_fmt(r['old_forces_mae_meV_per_A']):>8} "
                 f"{_fmt(r['new_forces_mae_meV_per_A']):>8} "
