@@ -317,7 +317,7 @@ def _mean_force_error(checkpoint, frames) -> float:
     return float(np.mean(np.concatenate(errors)))
 
 
-def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoint):
+def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoint, caplog):
     """Without held-out labels, probe or do-no-harm bound the gate lets a wrecking full
     refit through. The labels collected while it runs (trained on by neither it nor the
     generation it replaced) show it worse: before the next refit it is retracted, the
@@ -344,7 +344,9 @@ def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoin
     assert [r for r in learner.history if r["event"] == "refit_start"][-1]["generation"] == 1
     learner.record_label(frames[8], step=8, generation=1)
     learner.poll()  # review of generation 1, rollback, refit 2 from generation 0
-    learner.close()
+    with caplog.at_level("INFO", logger="ase_petft.learner.onthefly"):
+        learner.close()
+    assert "generation 2 runs now" in caplog.text  # unreviewed: nothing labelled after it
     review = json.loads((workdir / "gen-0001" / "review.json").read_text())
     assert review["passed"] is False and review["n_labels"] == 3
     # oracle: the two checkpoints against EMT on the labels generation 1 met

@@ -695,6 +695,10 @@ class OnTheFlyLearner:
             self._restore_cores()
         else:
             self.wait()
+            if review.needs_review(self.workdir, self.calc.generation) is not None:
+                logger.info("generation %d runs now; it passed the gate but no labels came "
+                            "after it, so its review is still to come (a resumed run does "
+                            "it on its first labels)", self.calc.generation)
         self._own_executor = None
         self._lock.release()
 
