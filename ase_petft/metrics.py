@@ -31,6 +31,7 @@ import numpy as np
 __all__ = ["error_metrics", "errors_against", "calculator_errors", "score"]
 
 ENERGY_MAE = "energy_mae_meV_per_atom"
+ENERGY_MAE_OFFSET_REMOVED = "energy_mae_offset_removed_meV_per_atom"
 FORCES_MAE = "forces_mae_meV_per_A"
 
 

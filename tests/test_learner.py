@@ -256,7 +256,8 @@ def _absurd_refits(calc, atoms, buffer, workdir, gate=None):
 
 
 def test_absurd_refit_is_rejected_and_predictions_stay(run, emt_checkpoint):
-    """On an existing head (no new level, so no energy offset to fall back to), a refit
+    """On an existing head (no new level, so no energy offset to fall back to; one
+    held-out structure and its rattled copy, too few to call its offset stale), a refit
     that wrecks the model is refused and nothing changes."""
     _, atoms, buffer, workdir = run
     calc = FineTunableCalculator(emt_checkpoint, variant="energy")

@@ -16,7 +16,7 @@ from ase.calculators.emt import EMT
 from ase_petft import ConfigError, FineTunableCalculator, FineTuneConfig, LabelBuffer
 from ase_petft.labelling import label
 from ase_petft.errors import LabellingError
-from ase_petft.learner import OnTheFlyLearner, every
+from ase_petft.learner import OnTheFlyLearner, RattleConfig, every
 
 from conftest import emt_frames
 
@@ -234,6 +234,16 @@ def test_the_first_swap_of_a_new_variant_warns_about_the_energy_jump(parts, capl
     assert warnings and f"{jump:.4g} eV" in warnings[0].getMessage()
 
 
+def _steps(learner, atoms, n: int) -> list:
+    """``n`` steps of a small random walk, each labelled by ``learner``; the generations
+    swapped in."""
+    for _ in range(n):
+        atoms.rattle(0.02, seed=len(learner.history))
+        atoms.get_potential_energy()
+        learner()
+    return [row["generation"] for row in learner.history if row["event"] == "swap"]
+
+
 def _probe_at_the_new_level(calc):
     """A structure on ``calc``, its starting forces and its ShiftedEMT energy (the new
     level the learner is to reach)."""
@@ -293,11 +303,7 @@ def test_a_refused_candidate_still_brings_the_new_levels_energy_offset(parts, ke
     with OnTheFlyLearner(calc, ShiftedEMT(), buffer, workdir=workdir, select=every(1),
                          refit_every=5, background=False, holdout_fraction=0.4,
                          config=bad, gate=GateConfig(keep_rejected_checkpoints=keep)) as learner:
-        for _ in range(5):
-            atoms.rattle(0.02, seed=len(learner.history))
-            atoms.get_potential_energy()
-            learner()
-    swaps = [row["generation"] for row in learner.history if row["event"] == "swap"]
+        swaps = _steps(learner, atoms, 5)
     assert swaps == [1], [(row["event"], row.get("reason")) for row in learner.history]
     folder = workdir / "gen-0001"
     decision = json.loads((folder / "decision.json").read_text())
@@ -314,6 +320,38 @@ def test_a_refused_candidate_still_brings_the_new_levels_energy_offset(parts, ke
     np.testing.assert_allclose(probe.get_forces(), start_forces, atol=1e-5)
     exported = folder / "model.pt"  # and the swapped generation's export agrees
     assert exported.is_file()
+
+
+def test_a_stale_energy_offset_is_refitted_when_the_candidate_is_refused(emt_checkpoint,
+                                                                         tmp_path):
+    """An existing head (no new variant, so no first-refit offset) whose labels sit at a
+    constant 1 eV/atom above it: the held-out energy error is almost all offset. The
+    refit's candidate is refused (a learning rate that wrecks it); the fall-back is the
+    running model with its per-element offset refitted on the training labels, swapped
+    in because the held-out energy error falls — energies at the labels' level, forces
+    untouched."""
+    import json
+
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    probe, start_forces, target = _probe_at_the_new_level(calc)
+    atoms = emt_frames(1, seed=5)[0]
+    atoms.calc = calc
+    bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
+                         divergence_factor=1e12)
+    with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer, OnTheFlyLearner(
+            calc, ShiftedEMT(), buffer, workdir=tmp_path / "learner", select=every(1),
+            refit_every=5, background=False, holdout_fraction=0.4, config=bad,
+            rattle=RattleConfig(every=0)) as learner:  # 2 independent held-out structures
+        swaps = _steps(learner, atoms, 5)
+    assert swaps == [1], [(row["event"], row.get("reason")) for row in learner.history]
+    folder = tmp_path / "learner" / "gen-0001"
+    decision = json.loads((folder / "decision.json").read_text())
+    assert decision["fallback"] == "offset_only"
+    assert decision["fit_metrics"]["composition_correction_eV"] is None  # not a first refit
+    assert not decision["checks"]["holdout"]["passed"]
+    probe.positions[0, 0] += 1e-9  # a new calculation: the live calculator
+    assert abs(probe.get_potential_energy() - target) < 0.05 * len(probe)
+    np.testing.assert_allclose(probe.get_forces(), start_forces, atol=1e-5)
 
 
 def test_swap_of_a_checkpoint_with_an_extra_head_says_so(emt_checkpoint, tmp_path, caplog):

@@ -204,24 +204,32 @@ def _correct_composition(run: Run, parent: str) -> Dict[int, float]:
     levels of theory, ~3 eV/atom for GFN1 → GFN2, which the heads would otherwise have
     to absorb). Returns the correction, eV per atom of each element."""
     model, variant = run.model, run.variant
-    labels = run.train[variant]
-    predicted = _metatrain.predict(model, [l.atoms for l in labels], parent,
-                                   forces=False, stress=False)
-    residual = np.array([l.energy - p["energy"] for l, p in zip(labels, predicted)])
-    types = sorted(_metatrain.atomic_types(model))
-    counts = np.array([[np.sum(l.atoms.numbers == z) for z in types] for l in labels],
-                      dtype=float)
-    correction = np.linalg.pinv(counts, rcond=1e-10) @ residual  # minimum norm
+    correction = composition_correction(model, parent, run.train[variant])
     weights = _metatrain.composition_weights(model, parent)
-    new = {z: weights[z] + float(c) for z, c in zip(types, correction)}
-    _metatrain.set_composition_weights(model, variant, new)
+    _metatrain.set_composition_weights(
+        model, variant, {z: weights[z] + c for z, c in correction.items()})
     logger.info(
         "variant %r starts from %r: heads copied (metatrain inherit_heads), parent scale "
         "kept and composition = parent + minimum-norm residual correction %s eV "
         "(metatrain would refit scale and composition from the new totals; "
         "new_variant_baseline='metatrain' does that)", variant, parent,
-        {int(z): round(float(c), 4) for z, c in zip(types, correction)},
+        {z: round(c, 4) for z, c in correction.items()},
     )
+    return correction
+
+
+def composition_correction(model, variant: str, labels: List[Label]) -> Dict[int, float]:
+    """The minimum-norm per-element energy correction (eV per atom of each of the
+    model's elements) that best removes the residuals label − ``variant``'s prediction
+    on ``labels``: the offset between two levels of theory. With one composition only
+    the total per structure is determined, and the minimum norm spreads it by count."""
+    predicted = _metatrain.predict(model, [l.atoms for l in labels], variant,
+                                   forces=False, stress=False)
+    residual = np.array([l.energy - p["energy"] for l, p in zip(labels, predicted)])
+    types = sorted(_metatrain.atomic_types(model))
+    counts = np.array([[np.sum(l.atoms.numbers == z) for z in types] for l in labels],
+                      dtype=float)
+    correction = np.linalg.pinv(counts, rcond=1e-10) @ residual
     return {int(z): float(c) for z, c in zip(types, correction)}
 
 

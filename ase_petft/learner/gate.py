@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import _metatrain
 from ..errors import ConfigError
 from ..labels import labels_from_frames, reference_dicts
-from ..metrics import ENERGY_MAE, error_metrics, score
+from ..metrics import ENERGY_MAE, ENERGY_MAE_OFFSET_REMOVED, error_metrics, score
 from ..validation import non_negative_int, positive_float
 from . import workdir as wd
 
@@ -155,8 +155,10 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
     failed = [f"{name}: {text}" for name, (ok, text) in checks.items() if not ok]
     _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
     swapped = None if failed else model
-    if failed and "changed" not in checks and result.metrics.get("composition_correction_eV"):
-        swapped, checks["offset_only"] = _offset_fallback(spec, model, result.checkpoint_path,
+    weights = _fallback_composition(spec, model, result.metrics, checks, decision) \
+        if failed else None
+    if weights is not None:
+        swapped, checks["offset_only"] = _offset_fallback(spec, weights, result.checkpoint_path,
                                                           decision)
         decision["fallback"] = "offset_only" if swapped is not None else None
     accepted = swapped is not None
@@ -184,28 +186,73 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
 REFUSED = "refused.ckpt"
 
 
-def _offset_fallback(spec: RefitSpec, candidate, checkpoint: pathlib.Path,
+STALE_OFFSET_FACTOR = 2.0  # raw held-out energy error over its offset-removed part
+
+
+def _fallback_composition(spec: RefitSpec, candidate, fit: Dict[str, Any],
+                          checks: Dict[str, Tuple[bool, str]], decision: Dict[str, Any]):
+    """The per-element energies of the offset-only fall-back for a refused candidate,
+    or None when there is none to try:
+
+    - the refit fitted a new variant's offset between levels (its first refit): the
+      candidate's (when its head was kept, ``changed`` judged that offset already);
+    - the running model's offset has gone stale (its held-out raw energy error is more
+      than ``STALE_OFFSET_FACTOR`` × the error left once a constant per-atom offset is
+      removed, on at least 2 held-out structures): the running model's plus a
+      correction fitted on the training labels.
+      A new variant's offset comes from its first 2–3 labels; when later refits are
+      refused, nothing else moves it (water box: 99–184 meV/atom raw vs 12 without the
+      offset; acetamide: 41–79 vs 2–5)."""
+    if fit.get("composition_correction_eV"):
+        if "changed" in checks:
+            return None
+        return _metatrain.composition_weights(candidate, spec.variant)
+    if sum(not a.info.get("rattled") for a in spec.holdout) < 2 or not spec.train:
+        return None  # one structure (and its rattled copy): no spread to tell it from
+    old = _running_holdout_errors(spec, decision)
+    raw, rest = old.get(ENERGY_MAE), old.get(ENERGY_MAE_OFFSET_REMOVED)
+    if raw is None or rest is None or not raw > STALE_OFFSET_FACTOR * max(rest, 0.5):
+        return None  # 0.5 meV/atom: below that an offset is noise whatever the ratio
+    from ..finetune.run import composition_correction
+
+    current = _running_model(spec)
+    correction = composition_correction(current, spec.variant, labels_from_frames(spec.train))
+    weights = _metatrain.composition_weights(current, spec.variant)
+    return {z: weights[z] + c for z, c in correction.items()}
+
+
+def _running_model(spec: RefitSpec):
+    return (spec.source_model if spec.source_model is not None
+            else _metatrain.load_model(spec.source_checkpoint))
+
+
+def _running_holdout_errors(spec: RefitSpec, decision: Dict[str, Any]) -> Dict[str, float]:
+    """The running model's errors on the held-out labels: the gate's own evaluation when
+    it got that far, else one now (recorded in the decision)."""
+    holdout = decision.setdefault("holdout", {})
+    if holdout.get("old") is None:
+        holdout["old"], _ = evaluate_generation(_running_model(spec), list(spec.holdout),
+                                                spec.variant)
+    return holdout["old"]
+
+
+def _offset_fallback(spec: RefitSpec, weights, checkpoint: pathlib.Path,
                      decision: Dict[str, Any]):
-    """The refit fitted a new variant's per-element energy offset (its first refit)
-    but the candidate failed the gate. The fall-back toward the running model: its
-    weights with only that offset. Forces are unchanged, so nothing but the energies is
-    judged: swapped in when the held-out energy MAE falls. Otherwise a run whose every
-    candidate is refused ends predicting the parent level's energies under the new
-    variant's name (eV/atom off for GFN1 → GFN2, hundreds for xTB → DFT). Returns
-    ``(model or None, (passed, what was measured))``; on success ``checkpoint`` holds
-    the fall-back and the candidate moves to ``refused.ckpt``."""
+    """The fall-back toward the running model for a refused candidate: its weights with
+    only the per-element energies ``weights`` (see :func:`_fallback_composition`).
+    Forces are unchanged, so nothing but the energies is judged: swapped in when the
+    held-out energy MAE falls. Otherwise a run whose every candidate is refused ends
+    predicting the parent level's energies under the new variant's name (eV/atom off
+    for GFN1 → GFN2, hundreds for xTB → DFT). Returns ``(model or None, (passed, what
+    was measured))``; on success ``checkpoint`` holds the fall-back and the candidate
+    moves to ``refused.ckpt``."""
     import os
 
     if not spec.holdout:
         return None, (False, "no held-out labels to judge the energy offset alone on")
-    current = (spec.source_model if spec.source_model is not None
-               else _metatrain.load_model(spec.source_checkpoint))
-    fallback = _metatrain.copy_model(current)
-    _metatrain.set_composition_weights(
-        fallback, spec.variant, _metatrain.composition_weights(candidate, spec.variant))
-    old = (decision.get("holdout") or {}).get("old")  # the gate's own, when it ran
-    if old is None:
-        old, _ = evaluate_generation(current, list(spec.holdout), spec.variant)
+    fallback = _metatrain.copy_model(_running_model(spec))
+    _metatrain.set_composition_weights(fallback, spec.variant, weights)
+    old = _running_holdout_errors(spec, decision)
     new, _ = evaluate_generation(fallback, list(spec.holdout), spec.variant)
     text = (f"the running model with the refit's per-element energy offset: held-out "
             f"energy MAE {new[ENERGY_MAE]:.4g} vs current {old[ENERGY_MAE]:.4g} meV/atom "
