@@ -151,15 +151,16 @@ def run_refit(spec: RefitSpec) -> RefitOutcome:
         "n_labels_total": spec.n_labels_total, "fit_wall_time_s": result.wall_time_s,
         "fit_metrics": dict(result.metrics),
     }
-    checks = _judge(spec, model, result.checkpoint_path, decision)
+    running = _Running(spec)
+    checks = _judge(spec, model, result.checkpoint_path, decision, running)
     failed = [f"{name}: {text}" for name, (ok, text) in checks.items() if not ok]
     _metatrain.thaw(model)  # the probe's export froze it: back to its checkpoint's state
     swapped = None if failed else model
-    weights = _fallback_composition(spec, model, result.metrics, checks, decision) \
+    weights = _fallback_composition(spec, model, result.metrics, checks, decision, running) \
         if failed else None
     if weights is not None:
         swapped, checks["offset_only"] = _offset_fallback(spec, weights, result.checkpoint_path,
-                                                          decision)
+                                                          decision, running)
         decision["fallback"] = "offset_only" if swapped is not None else None
     accepted = swapped is not None
     if accepted:
@@ -190,7 +191,8 @@ STALE_OFFSET_FACTOR = 2.0  # raw held-out energy error over its offset-removed p
 
 
 def _fallback_composition(spec: RefitSpec, candidate, fit: Dict[str, Any],
-                          checks: Dict[str, Tuple[bool, str]], decision: Dict[str, Any]):
+                          checks: Dict[str, Tuple[bool, str]], decision: Dict[str, Any],
+                          running: "_Running"):
     """The per-element energies of the offset-only fall-back for a refused candidate,
     or None when there is none to try:
 
@@ -209,35 +211,45 @@ def _fallback_composition(spec: RefitSpec, candidate, fit: Dict[str, Any],
         return _metatrain.composition_weights(candidate, spec.variant)
     if sum(not a.info.get("rattled") for a in spec.holdout) < 2 or not spec.train:
         return None  # one structure (and its rattled copy): no spread to tell it from
-    old = _running_holdout_errors(spec, decision)
+    old = _running_holdout_errors(spec, decision, running)
     raw, rest = old.get(ENERGY_MAE), old.get(ENERGY_MAE_OFFSET_REMOVED)
     if raw is None or rest is None or not raw > STALE_OFFSET_FACTOR * max(rest, 0.5):
         return None  # 0.5 meV/atom: below that an offset is noise whatever the ratio
     from ..finetune.run import composition_correction
 
-    current = _running_model(spec)
-    correction = composition_correction(current, spec.variant, labels_from_frames(spec.train))
-    weights = _metatrain.composition_weights(current, spec.variant)
+    correction = composition_correction(running.model, spec.variant,
+                                        labels_from_frames(spec.train))
+    weights = _metatrain.composition_weights(running.model, spec.variant)
     return {z: weights[z] + c for z, c in correction.items()}
 
 
-def _running_model(spec: RefitSpec):
-    return (spec.source_model if spec.source_model is not None
-            else _metatrain.load_model(spec.source_checkpoint))
+class _Running:
+    """The running generation's model: the in-process copy, or read from its checkpoint
+    (process executors) at most once per refit, whichever check needs it first."""
+
+    def __init__(self, spec: RefitSpec) -> None:
+        self._spec, self._model = spec, spec.source_model
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = _metatrain.load_model(self._spec.source_checkpoint)
+        return self._model
 
 
-def _running_holdout_errors(spec: RefitSpec, decision: Dict[str, Any]) -> Dict[str, float]:
+def _running_holdout_errors(spec: RefitSpec, decision: Dict[str, Any],
+                            running: _Running) -> Dict[str, float]:
     """The running model's errors on the held-out labels: the gate's own evaluation when
     it got that far, else one now (recorded in the decision)."""
     holdout = decision.setdefault("holdout", {})
     if holdout.get("old") is None:
-        holdout["old"], _ = evaluate_generation(_running_model(spec), list(spec.holdout),
+        holdout["old"], _ = evaluate_generation(running.model, list(spec.holdout),
                                                 spec.variant)
     return holdout["old"]
 
 
 def _offset_fallback(spec: RefitSpec, weights, checkpoint: pathlib.Path,
-                     decision: Dict[str, Any]):
+                     decision: Dict[str, Any], running: _Running):
     """The fall-back toward the running model for a refused candidate: its weights with
     only the per-element energies ``weights`` (see :func:`_fallback_composition`).
     Forces are unchanged, so nothing but the energies is judged: swapped in when the
@@ -250,9 +262,9 @@ def _offset_fallback(spec: RefitSpec, weights, checkpoint: pathlib.Path,
 
     if not spec.holdout:
         return None, (False, "no held-out labels to judge the energy offset alone on")
-    fallback = _metatrain.copy_model(_running_model(spec))
+    fallback = _metatrain.copy_model(running.model)
     _metatrain.set_composition_weights(fallback, spec.variant, weights)
-    old = _running_holdout_errors(spec, decision)
+    old = _running_holdout_errors(spec, decision, running)
     new, _ = evaluate_generation(fallback, list(spec.holdout), spec.variant)
     text = (f"the running model with the refit's per-element energy offset: held-out "
             f"energy MAE {new[ENERGY_MAE]:.4g} vs current {old[ENERGY_MAE]:.4g} meV/atom "
@@ -298,7 +310,8 @@ def _selection_frames(spec: RefitSpec) -> list:
     return rest or holdout
 
 
-def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool, str]]:
+def _judge(spec: RefitSpec, model, checkpoint, decision,
+           running: _Running) -> Dict[str, Tuple[bool, str]]:
     """Every check of the gate: ``{name: (passed, what was measured)}``; stops at the
     first failure (later checks cost time and cannot undo it)."""
     checks: Dict[str, Tuple[bool, str]] = {}
@@ -308,7 +321,6 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
         checks["changed"] = _offset_only(fit, solver)
         if not checks["changed"][0]:
             return checks
-    current = None  # the running generation's model, read once for both comparisons
     for name, frames in (("holdout", spec.holdout), ("anchor", spec.anchor)):
         if not frames:
             continue
@@ -317,10 +329,7 @@ def _judge(spec: RefitSpec, model, checkpoint, decision) -> Dict[str, Tuple[bool
             # labels (its validation set), the same way: reuse, do not predict twice
             old, new = fit["before"], fit["after"]
         else:
-            if current is None:
-                current = (spec.source_model if spec.source_model is not None
-                           else _metatrain.load_model(spec.source_checkpoint))
-            old, _ = evaluate_generation(current, list(frames), spec.variant)
+            old, _ = evaluate_generation(running.model, list(frames), spec.variant)
             new, _ = evaluate_generation(model, list(frames), spec.variant)
         decision.update({name: {"old": old, "new": new}})
         if name == "holdout":

@@ -156,6 +156,7 @@ class OnTheFlyLearner:
         self._step, self._calls, self._since_label = 0, 0, 0
         self._dynamics = dynamics
         self._probe_override = None
+        self._review_wait = None  # (generation, labels) when a review last lacked labels
         self.history: List[Dict[str, Any]] = []
         self.reference_calls = 0
         self._step_offset = 0
@@ -490,12 +491,15 @@ class OnTheFlyLearner:
         judged is how one wrong early decision steered whole runs), unless no more
         labels can come (``final``, the label budget spent)."""
         generation = self.calc.generation
+        spent = self.max_labels is not None and self._n_labels >= self.max_labels
+        if self._review_wait == (generation, self._n_labels) and not (final or spent):
+            return False  # nothing new since the last look (called every step meanwhile)
         decision = review.needs_review(self.workdir, generation)
         if decision is None:
             return True
         frames = review.labelled_under(self._frames(), generation)
         if not review.enough(frames):
-            spent = self.max_labels is not None and self._n_labels >= self.max_labels
+            self._review_wait = (generation, self._n_labels)
             return final or spent
         record = review.review(self.workdir, generation, decision, frames,
                                model=self.calc.model, variant=self.variant,
