@@ -121,6 +121,8 @@ class FineTunableCalculator(Calculator):
         self._structure_check = StructureCheck(
             _metatrain.interaction_cutoff(self._model), float32=str(self._dtype) == "torch.float32")
         self._uncertainty = EnergyUncertainty(self, method=uncertainty)
+        self._last_layers = None  # this variant's last-layer parameters (φ's order)
+        self._features = None  # (generation, structure, φ's parts) of the last evaluation
         self.parameters = self.todict()
 
     # ------------------------------------------------------------------ properties
@@ -210,16 +212,40 @@ class FineTunableCalculator(Calculator):
             Calculator.calculate(self, atoms, properties, system_changes)
             self._check_atoms(self.atoms, properties)
             inner = self._inner
+            params = self._feature_params() if self._uncertainty.wants_features else ()
             # the compiled copy runs unoptimised: as fast here, and no fused kernels
             # whose rounding would differ from the eager module and between variants
-            with _unoptimised_torchscript():
+            with _unoptimised_torchscript(), _collect_gradients(params) as grads:
                 inner.calculate(self.atoms, _with_gradients(properties, self.atoms),
                                 system_changes)
+            self._features = (self._generation, self.atoms, grads) if grads else None
             results = dict(inner.results)
             results["free_energy"] = results["energy"]
             if "stress" in results and not self.atoms.pbc.all():
                 del results["stress"]
             self.results = results
+
+    def _feature_params(self):
+        """The last-layer parameters of this variant (the same tensor objects for the
+        calculator's life: swaps copy into them in place)."""
+        if self._last_layers is None:
+            self._last_layers = tuple(p for _, p in
+                                      _metatrain.last_layer_parameters(self._model, self._variant))
+        return self._last_layers
+
+    def _last_features(self, atoms) -> Optional[np.ndarray]:
+        """The energy's gradient with respect to the variant's last-layer parameters
+        (φ, in :func:`~ase_petft._metatrain.energy_features`' order) of ``atoms``, when
+        it is the structure this calculator last evaluated, with the current weights,
+        while the posterior uncertainty was fitted: the force pass's backward gave it
+        for free. None otherwise."""
+        held = self._features
+        if held is None:
+            return None
+        generation, snapshot, grads = held
+        if generation != self._generation or not _same_structure(snapshot, atoms):
+            return None
+        return np.concatenate([g.detach().double().reshape(-1).cpu().numpy() for g in grads])
 
     def _check_atoms(self, atoms, properties) -> None:
         self._structure_check(atoms)
@@ -283,6 +309,7 @@ class FineTunableCalculator(Calculator):
             self._variants = [v for v in _metatrain.energy_variants(self._model)
                               if v not in dropped]
             self._checkpoint_path = pathlib.Path(path)
+            self._features = None
             self._generation = self._generation + 1 if generation is None else int(generation)
             self.reset()
             self._inner.reset()
@@ -355,8 +382,11 @@ class FineTunableCalculator(Calculator):
 
     def get_energy_uncertainty(self, atoms=None) -> float:
         """Calibrated σ of the energy per atom (eV/atom) of ``atoms`` (default: the
-        last calculated structure). Costs one extra forward pass; the plain
-        energy/forces path never computes it."""
+        last calculated structure). For the structure last calculated (what MD and
+        selection policies ask for) the posterior needs no extra pass: while it is
+        fitted, the force evaluation's backward pass also gives the last-layer
+        gradient it needs. Any other structure (and LLPR) costs one forward and
+        backward pass."""
         atoms = atoms if atoms is not None else self.atoms
         if atoms is None:
             raise UnsupportedSystemError("no atoms given and nothing calculated yet")
@@ -386,6 +416,39 @@ def _unoptimised_torchscript():
     import torch
 
     return torch.jit.optimized_execution(False)
+
+
+class _collect_gradients:
+    """Inside the block ``params`` require grad and collect the gradient of the
+    backward pass run there (metatomic's force pass); the value is the list of those
+    gradients (empty when ``params`` is, or when a pass did not reach them). The
+    parameters never require grad outside: the live module stays frozen for
+    everything else."""
+
+    def __init__(self, params):
+        self.params = params
+        self.grads: List = []
+
+    def __enter__(self):
+        for p in self.params:
+            p.grad = None
+            p.requires_grad_(True)
+        return self.grads
+
+    def __exit__(self, *exc):
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+            p.grad = None
+        if exc[0] is None and grads and all(g is not None for g in grads):
+            self.grads.extend(grads)
+
+
+def _same_structure(a, b) -> bool:
+    return (len(a) == len(b) and np.array_equal(a.numbers, b.numbers)
+            and np.array_equal(a.positions, b.positions)
+            and np.array_equal(a.cell.array, b.cell.array)
+            and np.array_equal(a.pbc, b.pbc))
 
 
 def _with_gradients(properties, atoms) -> List[str]:

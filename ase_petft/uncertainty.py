@@ -82,6 +82,13 @@ class EnergyUncertainty:
             return self._generation == self._calc.generation
         return self._train is not None
 
+    @property
+    def wants_features(self) -> bool:
+        """Whether the calculator's force pass should also give the last-layer
+        gradient (the posterior's φ) of the structure it evaluates: it then costs no
+        extra pass when σ of that structure is asked for next."""
+        return self.method == "posterior" and (self._loaded or self._train is not None)
+
     def export_state(self) -> Optional[dict]:
         """The fitted posterior as plain arrays (``inverse``, ``scale2``,
         ``generation``), for a calculator with the same weights elsewhere; None for LLPR
@@ -186,7 +193,15 @@ class EnergyUncertainty:
 
         calc = self._calc
         keys = [_key(a) for a in atoms_list]
-        missing = [(k, a) for k, a in zip(keys, atoms_list) if k not in self._features]
+        missing = []
+        for k, a in zip(keys, atoms_list):
+            if k in self._features:
+                continue
+            row = calc._last_features(a)  # the force pass of this structure gave it
+            if row is None:
+                missing.append((k, a))
+            else:
+                self._features[k] = row / len(a)
         if missing:
             phi = _metatrain.energy_features(calc.model, calc.variant, [a for _, a in missing])
             for (k, a), row in zip(missing, phi):

@@ -73,6 +73,11 @@ def test_uncertainty_on_cuda_matches_cpu(emt_checkpoint, method):
                                      uncertainty=method)
         calc.fit_uncertainty(fit, calib)
         sigmas[device] = np.array([calc.get_energy_uncertainty(a) for a in probe])
+        for atoms, own in zip(probe, sigmas[device]):  # σ from the force pass (posterior)
+            moved = atoms.copy()
+            moved.calc = calc
+            moved.get_forces()
+            assert calc.get_energy_uncertainty(moved) == pytest.approx(own, rel=1e-3)
     assert np.all(sigmas["cuda"] > 0)
     assert np.allclose(sigmas["cuda"], sigmas["cpu"], rtol=2e-2)
 

@@ -554,6 +554,51 @@ def test_posterior_precision_is_the_heads_refits_normal_matrix(emt_checkpoint, m
     assert computed == [1]
 
 
+def test_sigma_of_the_step_just_evaluated_reuses_the_force_pass(emt_checkpoint, monkeypatch):
+    """While the posterior is fitted, the force pass's backward also gives the energy's
+    gradient with respect to the last-layer weights: σ of that structure needs no pass
+    of its own, and equals σ from its own pass (the eager module's autograd, the
+    independent oracle) to float32 rounding — for a periodic cell with stress and after
+    a hot swap. Any other structure still gets its own pass; the live module's
+    parameters never keep requires_grad or a gradient."""
+    from ase_petft import _metatrain
+
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    assert not calc._uncertainty.wants_features
+    calc.fit_uncertainty(emt_frames(8, seed=1), emt_frames(4, seed=2))
+    own_passes = []
+    real = _metatrain.energy_features
+    monkeypatch.setattr(_metatrain, "energy_features", lambda model, variant, atoms_list:
+                        own_passes.append(len(atoms_list)) or real(model, variant, atoms_list))
+    oracle = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    for generation in (0, 1):
+        oracle.load_uncertainty_state(calc.uncertainty_state())
+        for atoms in emt_frames(3, seed=7 + generation):
+            atoms.calc = calc
+            atoms.get_forces()
+            atoms.get_stress()
+            phi = real(calc.model, calc.variant, [atoms])[0]
+            np.testing.assert_allclose(calc._last_features(atoms), phi, rtol=1e-4,
+                                       atol=1e-5 * np.abs(phi).max())
+            own_passes.clear()
+            sigma = calc.get_energy_uncertainty(atoms)
+            assert own_passes == []  # served by the force pass
+            assert sigma == pytest.approx(oracle.get_energy_uncertainty(atoms), rel=1e-4)
+            assert own_passes == [1]  # the oracle evaluated nothing: its own pass
+            moved = atoms.copy()
+            moved.positions[0, 0] += 0.01
+            assert calc._last_features(moved) is None
+            calc.get_energy_uncertainty(moved)
+            assert own_passes == [1, 1]
+            assert not any(p.requires_grad or p.grad is not None
+                           for p in calc.model.parameters())
+        calc.finetune(emt_frames(6, seed=5), FineTuneConfig(keep_parent_unless_better=False),
+                      export=False)
+        assert calc._last_features(atoms) is None  # the weights it came from are gone
+        calc.get_energy_uncertainty(atoms)  # refits the posterior for generation 1
+        oracle.swap_model(calc.checkpoint_path)
+
+
 def _run_script(checkpoint, workdir, steps, refit_every, *, kill_after=None):
     cmd = [sys.executable, str(HERE / "_learner_run.py"), str(checkpoint), str(workdir),
            str(steps), str(refit_every)]
