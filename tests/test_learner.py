@@ -318,14 +318,22 @@ def _mean_force_error(checkpoint, frames) -> float:
     return float(np.mean(np.concatenate(errors)))
 
 
-def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoint, caplog):
+def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoint, caplog,
+                                                              monkeypatch):
     """Without held-out labels, probe or do-no-harm bound the gate lets a wrecking full
     refit through. The labels collected while it runs (trained on by neither it nor the
     generation it replaced) show it worse: before the next refit it is retracted, the
     learner rolls back, the next refit starts from the generation it replaced, and the
-    retracted one is never run again (not by rollback(), not on resume)."""
+    retracted one is never run again (not by rollback(), not on resume). In one process
+    no checkpoint is read back for any of it (refits, gate, review, rollback)."""
+    from ase_petft import _metatrain
+
     _, _, buffer, workdir = run
     calc = FineTunableCalculator(emt_checkpoint, variant="energy")
+    reads = []
+    real_load = _metatrain.load_model
+    monkeypatch.setattr(_metatrain, "load_model",
+                        lambda path, *a, **kw: reads.append(path) or real_load(path, *a, **kw))
     bad = FineTuneConfig(method="full", learning_rate=5.0, num_epochs=3, seed=0,
                          divergence_factor=1e12)
     learner = OnTheFlyLearner(calc, EMT(), buffer, select=every(1), refit_every=4,
@@ -347,6 +355,7 @@ def test_a_generation_worse_on_the_labels_it_met_is_retracted(run, emt_checkpoin
     learner.poll()  # review of generation 1, rollback, refit 2 from generation 0
     with caplog.at_level("INFO", logger="ase_petft.learner.onthefly"):
         learner.close()
+    assert reads == []  # weights stayed in memory from load to close
     assert "generation 2 runs now" in caplog.text  # unreviewed: nothing labelled after it
     review = json.loads((workdir / "gen-0001" / "review.json").read_text())
     assert review["passed"] is False and review["n_labels"] == 3

@@ -157,6 +157,8 @@ class OnTheFlyLearner:
         self._dynamics = dynamics
         self._probe_override = None
         self._review_wait = None  # (generation, labels) when a review last lacked labels
+        self._refit_source = (None, None)  # (generation, weights) the refit in flight started from
+        self._replaced = (None, None)  # (generation, weights) the running generation replaced
         self.history: List[Dict[str, Any]] = []
         self.reference_calls = 0
         self._step_offset = 0
@@ -475,6 +477,10 @@ class OnTheFlyLearner:
             probe_atoms=self._probe_atoms(), gate=self.gate, device=self.calc.device,
         )
         self._labels_at_refit = self._n_labels
+        # the running generation's weights, kept in memory while this refit runs and,
+        # if its candidate is swapped in, until that one's review: the review and a
+        # retraction then read no checkpoint on the simulation's thread
+        self._refit_source = (spec.source_generation, spec.source_model)
         self._event("refit_start", generation=self._attempt, n_train=len(train),
                     n_holdout=len(holdout))
         if not self.background:
@@ -501,9 +507,13 @@ class OnTheFlyLearner:
         if not review.enough(frames):
             self._review_wait = (generation, self._n_labels)
             return final or spent
+        replaced_generation, replaced = self._replaced
+        if replaced_generation != int(decision["source_generation"]):
+            replaced = None  # not in memory (a resumed run, a process executor): read it
+        self._replaced = (None, None)  # reviewed once: no longer needed
         record = review.review(self.workdir, generation, decision, frames,
                                model=self.calc.model, variant=self.variant,
-                               tolerance=self.tolerance)
+                               tolerance=self.tolerance, replaced_model=replaced)
         self._event("review", reviewed=generation, passed=record["passed"],
                     n_review_labels=record["n_labels"], old=record["old"], new=record["new"],
                     wall_time_s=record["wall_time_s"])
@@ -511,7 +521,7 @@ class OnTheFlyLearner:
             logger.warning("generation %d retracted: %s", generation, record["detail"])
             if generation in self.watchdog.good_generations:
                 self.watchdog.good_generations.remove(generation)
-            self.rollback(record["source_generation"])
+            self._swap_back(record["source_generation"], model=replaced)
         return True
 
     def _anchor_set(self, holdout) -> tuple:
@@ -596,6 +606,7 @@ class OnTheFlyLearner:
         self._finish(outcome)
 
     def _finish(self, outcome) -> None:
+        source, self._refit_source = self._refit_source, (None, None)
         if isinstance(outcome, Exception):
             self._event("refit_failed", error=f"{type(outcome).__name__}: {outcome}"[:300])
             logger.warning("refit failed, keeping generation %d: %s",
@@ -611,6 +622,7 @@ class OnTheFlyLearner:
             logger.info("refit %d rejected: %s", outcome.generation, outcome.reason)
             return
         jump = self._swap(outcome)
+        self._replaced = source if source[1] is not None else (None, None)
         self.watchdog.model_changed()
         self._event("swap", energy_jump_eV=jump, **row)
         self._report_jump(outcome.generation, outcome.reason, jump)
@@ -660,9 +672,14 @@ class OnTheFlyLearner:
         if generation not in accepted:
             raise ConfigError(f"generation {generation} cannot run again: it was never accepted "
                               f"or its review retracted it; these can: {accepted}")
+        return self._swap_back(generation)
+
+    def _swap_back(self, generation: int, *, model=None) -> int:
+        """Swap accepted ``generation`` in again (its weights ``model`` when in memory,
+        else read from its checkpoint)."""
         path = wd.gen_dir(self.workdir, generation) / "model.ckpt"
         outcome = gate.RefitOutcome(generation=generation, accepted=True, reason="rollback",
-                                    decision={}, checkpoint_path=path)
+                                    decision={}, checkpoint_path=path, model=model)
         jump = self._swap(outcome, rollback=True)
         self.watchdog.model_changed()
         self._event("rollback", generation=generation, energy_jump_eV=jump)

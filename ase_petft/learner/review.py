@@ -70,13 +70,17 @@ def enough(frames: List) -> bool:
 
 
 def review(workdir: pathlib.Path, generation: int, decision: Dict[str, Any], frames: List,
-           *, model, variant: str, tolerance: float) -> Dict[str, Any]:
+           *, model, variant: str, tolerance: float,
+           replaced_model=None) -> Dict[str, Any]:
     """Compare ``model`` (generation ``generation``, running) with the generation it
-    replaced on ``frames``; write and return the record (``passed``, both errors)."""
+    replaced on ``frames`` (``replaced_model``: its weights when in memory, else read
+    from its checkpoint); write and return the record (``passed``, both errors)."""
     start = time.perf_counter()
     source = int(decision["source_generation"])
     new, _ = evaluate_generation(model, list(frames), variant)
-    old, _ = evaluate_generation(wd.checkpoint_of(workdir, source), list(frames), variant)
+    old, _ = evaluate_generation(
+        replaced_model if replaced_model is not None else wd.checkpoint_of(workdir, source),
+        list(frames), variant)
     passed = score(new) <= (1.0 + tolerance) * score(old) * (1.0 + 1e-9)
     record = {"generation": generation, "source_generation": source, "passed": bool(passed),
               "n_labels": len(frames), "old": old, "new": new,
