@@ -29,7 +29,7 @@ from ase.calculators.calculator import (
 
 from . import _metatrain
 from .errors import CheckpointError, ConfigError, ModelSwapError, UnsupportedSystemError
-from .labels import check_elements
+from .labels import check_elements, same_structure
 from .devices import resolve_device
 from .systems import StructureCheck
 from .uncertainty import EnergyUncertainty
@@ -103,7 +103,7 @@ class FineTunableCalculator(Calculator):
                    generation) -> None:
         self._variant = validate_variant(variant)
         self._inherit_from = None if inherit_from is None else validate_variant(inherit_from)
-        self._checkpoint_path = pathlib.Path(checkpoint).resolve()
+        self._checkpoint_path = _metatrain.checkpoint_path(checkpoint).resolve()
         self._workdir = None if workdir is None else pathlib.Path(workdir)
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
             raise ConfigError(f"generation must be a non-negative integer, got {generation!r}")
@@ -243,7 +243,7 @@ class FineTunableCalculator(Calculator):
         if held is None:
             return None
         generation, snapshot, grads = held
-        if generation != self._generation or not _same_structure(snapshot, atoms):
+        if generation != self._generation or not same_structure(snapshot, atoms):
             return None
         return np.concatenate([g.detach().double().reshape(-1).cpu().numpy() for g in grads])
 
@@ -288,7 +288,10 @@ class FineTunableCalculator(Calculator):
         :param model: the PET module ``checkpoint`` was written from, when the caller
             has it in memory (an in-process refit): its weights are copied directly.
         """
-        path = pathlib.Path(checkpoint).resolve()
+        try:
+            path = _metatrain.checkpoint_path(checkpoint).resolve()
+        except CheckpointError as exc:
+            raise ModelSwapError(str(exc)) from exc
         if model is None:
             try:
                 model = _metatrain.load_model(path)
@@ -442,13 +445,6 @@ class _collect_gradients:
             p.grad = None
         if exc[0] is None and grads and all(g is not None for g in grads):
             self.grads.extend(grads)
-
-
-def _same_structure(a, b) -> bool:
-    return (len(a) == len(b) and np.array_equal(a.numbers, b.numbers)
-            and np.array_equal(a.positions, b.positions)
-            and np.array_equal(a.cell.array, b.cell.array)
-            and np.array_equal(a.pbc, b.pbc))
 
 
 def _with_gradients(properties, atoms) -> List[str]:

@@ -299,6 +299,13 @@ def _overrides(value: Any) -> Mapping[str, Any]:
                 f"trainer_overrides[{key!r}] is controlled by FineTuneConfig; set "
                 f"{_RESERVED_OVERRIDES[key]} instead"
             )
+    if value:
+        known = _trainer_keys()
+        unknown = sorted(str(k) for k in value if k not in known)
+        if unknown:
+            raise ConfigError(
+                f"trainer_overrides has keys metatrain's PET trainer does not know: "
+                f"{unknown}; known keys: {sorted(known - set(_RESERVED_OVERRIDES))}")
     try:
         copied = json.loads(json.dumps(dict(value)))  # deep copy; rejects non-JSON values
     except (TypeError, ValueError) as exc:
@@ -307,3 +314,11 @@ def _overrides(value: Any) -> Mapping[str, Any]:
             f"dicts), got {dict(value)!r}: {exc}"
         ) from exc
     return types.MappingProxyType(copied)
+
+
+def _trainer_keys() -> frozenset:
+    """The keys of metatrain's PET ``training`` hypers (metatrain is imported only
+    when overrides are given)."""
+    from . import _metatrain
+
+    return frozenset(_metatrain.default_pet_hypers()["training"])

@@ -100,7 +100,7 @@ def label_many(frames: Iterable[Atoms], reference, *, executor: Executor | None 
     frames = list(frames)
     for i, atoms in enumerate(frames):
         if not isinstance(atoms, Atoms):
-            raise TypeError(f"frame {i} is a {type(atoms).__name__}, expected ase.Atoms")
+            raise ConfigError(f"frame {i} is a {type(atoms).__name__}, expected ase.Atoms")
     _check_inputs(frames[0] if frames else Atoms(), reference)
     _requested(Atoms(), properties)  # validate the names once, before submitting anything
     kwargs = {"properties": tuple(properties), "copy_reference": copy_reference,
@@ -144,9 +144,14 @@ def _outcome(i: int, atoms: Atoms, future) -> Union[Atoms, LabellingError]:
 
 def _check_inputs(atoms: Atoms, reference) -> None:
     if not isinstance(atoms, Atoms):
-        raise TypeError(f"atoms must be an ase.Atoms, got {type(atoms).__name__}")
+        raise ConfigError(f"atoms must be an ase.Atoms, got {type(atoms).__name__}; for "
+                          "several structures use label_many(frames, reference)")
+    if isinstance(reference, type):
+        raise ConfigError(f"reference must be an ASE calculator instance, got the class "
+                          f"{reference.__name__}; pass {reference.__name__}(...)")
     if reference is None or not (hasattr(reference, "calculate") or hasattr(reference, "get_property")):
-        raise TypeError(f"reference must be an ASE calculator, got {type(reference).__name__}")
+        raise ConfigError(f"reference must be an ASE calculator (e.g. EMT(), a DFT "
+                          f"calculator), got {type(reference).__name__}")
     if prov.is_model_calculator(reference):
         raise LabellingError(
             f"reference {type(reference).__name__} is an ML model calculator: its predictions "
@@ -156,11 +161,11 @@ def _check_inputs(atoms: Atoms, reference) -> None:
 
 def _requested(atoms: Atoms, properties: Sequence[str]) -> list:
     if isinstance(properties, str):
-        raise TypeError(f"properties must be a sequence of names like ('energy', 'forces'), "
+        raise ConfigError(f"properties must be a sequence of names like ('energy', 'forces'), "
                         f"got the string {properties!r}")
     unknown = [p for p in properties if p not in all_properties]
     if unknown or "energy" not in properties:
-        raise ValueError(f"properties {list(properties)} must include 'energy' and only ASE "
+        raise ConfigError(f"properties {list(properties)} must include 'energy' and only ASE "
                          f"property names (unknown: {unknown}); e.g. ('energy', 'forces', 'stress')")
     periodic = bool(np.all(atoms.pbc))
     return [p for p in dict.fromkeys(properties) if p != "stress" or periodic]

@@ -19,7 +19,10 @@ import numpy as np
 from .errors import TrainingDataError
 from .metrics import results_of
 
-__all__ = ["Label", "to_label", "labels_from_frames", "reference_dicts", "check_elements"]
+__all__ = ["Label", "to_label", "labels_from_frames", "reference_dicts", "check_elements",
+           "same_structure", "stale_fields"]
+
+STATE_FIELDS = ("positions", "numbers", "cell", "pbc")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,8 +52,56 @@ def _stress_voigt(value) -> np.ndarray:
     return stress
 
 
+def same_structure(a, b) -> bool:
+    """Whether ``a`` and ``b`` are exactly the same structure (numbers, positions, cell,
+    pbc)."""
+    try:
+        return (len(a) == len(b) and np.array_equal(a.numbers, b.numbers)
+                and np.array_equal(a.positions, b.positions)
+                and np.array_equal(a.cell.array, b.cell.array) and np.array_equal(a.pbc, b.pbc))
+    except Exception:
+        return False
+
+
+def stale_fields(calc, atoms) -> List[str]:
+    """What changed in ``atoms`` since ``calc`` computed its results (positions,
+    numbers, cell, pbc; empty when nothing did). Raises what ``calc.check_state``
+    raises."""
+    if same_structure(calc.atoms, atoms):
+        return []
+    return [c for c in calc.check_state(atoms) if c in STATE_FIELDS]
+
+
+def _check_reference(atoms, index: int) -> None:
+    """Refuse results on ``atoms.calc`` that cannot be a reference label of ``atoms``:
+    an ML model's predictions, or results computed for another structure."""
+    from ._provenance import is_model_calculator
+
+    calc = getattr(atoms, "calc", None)
+    if calc is None or not getattr(calc, "results", None):
+        return
+    fix = "label it with the reference first, e.g. ase_petft.label(atoms, reference)"
+    if is_model_calculator(calc):
+        raise TrainingDataError(
+            f"frame {index}'s results come from an ML model ({type(calc).__name__}), not "
+            f"from a reference calculation: model predictions must never become labels; {fix}")
+    if getattr(calc, "atoms", None) is None:
+        return
+    try:
+        stale = stale_fields(calc, atoms)
+    except Exception as exc:
+        raise TrainingDataError(f"frame {index}: cannot check that its results belong to its "
+                                f"structure ({type(exc).__name__}: {exc}); {fix}") from exc
+    if stale:
+        raise TrainingDataError(
+            f"frame {index}'s results are stale: its {', '.join(stale)} changed after they "
+            f"were computed, so they are not its labels; {fix}")
+
+
 def to_label(atoms, index: int) -> Label:
-    """A :class:`Label` from one labelled ``ase.Atoms`` (TrainingDataError if unlabelled)."""
+    """A :class:`Label` from one labelled ``ase.Atoms`` (TrainingDataError if unlabelled,
+    if its results come from an ML model or belong to another structure)."""
+    _check_reference(atoms, index)
     results = results_of(atoms)
     if results.get("energy") is None:
         raise TrainingDataError(

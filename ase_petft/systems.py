@@ -1,7 +1,8 @@
 """Checks of a structure before the model sees it: things PET cannot handle, and traps.
 
 Refused (:class:`UnsupportedSystemError`): no atoms, non-finite positions or cell, a
-periodic direction without a cell vector (singular cell), and more neighbours per atom
+periodic direction without a cell vector (singular cell), a structure without a cell
+spanning more than ``MAX_EXTENT_CUTOFFS`` cutoffs, and more neighbours per atom
 than ``MAX_NEIGHBOURS`` within the model's cutoff — PET's attention runs over each
 atom's neighbours, so its memory grows with their square: a CH4 in a 0.5 Å periodic
 cell (15 000 neighbours per atom) took 24 GB before the kernel killed it. Warned once
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 MAX_NEIGHBOURS = 1000  # per atom within the cutoff; dense solids at 6 Å have ~100
 MIN_DISTANCE = 0.1  # Å
 FAR_FROM_ORIGIN = 1.0e3  # Å; float32 keeps ~7 digits
+#: largest span of a structure without a cell, in model cutoffs (900 Å at 4.5 Å): a flat
+#: one of 2500 Å crashed the process in the neighbour list (vesin, SIGFPE), 2000 did not
+MAX_EXTENT_CUTOFFS = 200
 
 
 class StructureCheck:
@@ -52,6 +56,7 @@ class StructureCheck:
                 f"atoms {bad[:10].tolist()} have non-finite positions (NaN or inf); the "
                 "structure is broken upstream (an exploded simulation?)")
         self._check_cell(atoms)
+        self._check_extent(atoms)
         key = (n, np.asarray(atoms.cell).tobytes(), atoms.pbc.tobytes())
         if key != self._cleared:  # a new system (not the next MD step)
             self._check_neighbours(atoms)
@@ -71,6 +76,21 @@ class StructureCheck:
                 f"the cell is singular along the periodic directions (pbc="
                 f"{atoms.pbc.tolist()}, cell={np.round(cell, 6).tolist()}); give a cell "
                 "vector for every periodic direction, or set those directions non-periodic")
+
+    def _check_extent(self, atoms) -> None:
+        """A structure without a cell spanning thousands of Å is no molecule (atoms flew
+        off in an exploded simulation, or the coordinates are not in Å), and a flat one
+        that large crashed the whole process in the neighbour list (SIGFPE in vesin)."""
+        if atoms.pbc.any():
+            return
+        extent = float(np.ptp(atoms.positions, axis=0).max())
+        limit = MAX_EXTENT_CUTOFFS * self.cutoff
+        if extent > limit:
+            raise UnsupportedSystemError(
+                f"the atoms span {extent:.4g} Å without a periodic cell, more than "
+                f"{MAX_EXTENT_CUTOFFS}× the model's cutoff ({limit:g} Å): atoms flew apart "
+                "(an exploded simulation?) or the coordinates are not in Å. Check the "
+                "structure; for a dilute gas use a periodic cell")
 
     def _check_neighbours(self, atoms) -> None:
         n = len(atoms)

@@ -122,11 +122,30 @@ class EnergyUncertainty:
             logger.info("calibrating the uncertainty on its own training frames")
             calibration = frames
         converted: Dict[int, tuple] = {}
-        self._train = self._labels(frames, converted)
-        self._calibration = self._labels(calibration, converted)
-        self._converted = converted
-        self._loaded = False
-        self._refit()
+        train = self._checked(self._labels(frames, converted), "frames")
+        held = self._checked(self._labels(calibration, converted), "calibration")
+        with self._lock:  # the state changes only once the new labels are known good
+            before = (self._train, self._calibration, self._converted, self._loaded)
+            self._train, self._calibration = train, held
+            self._converted, self._loaded = converted, False
+            try:
+                self._refit()
+            except BaseException:
+                self._train, self._calibration, self._converted, self._loaded = before
+                raise
+
+    def _checked(self, labels: list, what: str) -> list:
+        from .errors import TrainingDataError
+        from .labels import check_elements
+
+        if not labels:
+            raise TrainingDataError(
+                f"the uncertainty needs labelled structures of this variant in {what}, got "
+                "none; pass at least one (a few, for a useful σ)")
+        for i, label in enumerate(labels):
+            check_elements(label.atoms, self._calc.atomic_types, what=f"{what}[{i}]",
+                           fix="drop it, or use a checkpoint that covers these elements")
+        return labels
 
     def _labels(self, frames, converted: Dict[int, tuple]) -> list:
         """Labels of ``frames``, each frame object converted once (the learner passes

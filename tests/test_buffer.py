@@ -24,7 +24,7 @@ import ase_petft
 from ase_petft.buffer import LabelBuffer
 from ase_petft.buffer import file as buffer_file
 from ase_petft.buffer import table as buffer_table
-from ase_petft.errors import LabelBufferError
+from ase_petft.errors import LabelBufferError, VariantError
 from ase_petft.labelling import label, label_many
 
 if str(pathlib.Path(__file__).parent) not in sys.path:  # pytest's default import mode adds it
@@ -111,6 +111,8 @@ def test_round_trip_mixed_sizes_pbc_and_variants_is_bit_identical(path):
         assert buffer.indices("energy/pbe0") == pbe0
         assert [a.info["buffer_index"] for a in buffer.frames("energy/pbe0")] == pbe0
         assert list(buffer.frames("energy/none")) == []
+        with pytest.raises(VariantError, match="invalid energy variant 'pbe0'"):
+            list(buffer.frames("pbe0"))  # for "energy/pbe0": would silently match nothing
         with pytest.raises(IndexError, match="40 labels"):
             buffer[40]
         with pytest.raises(TypeError):
@@ -304,6 +306,11 @@ def test_modes(path):
     assert path.read_bytes() == content
     with LabelBuffer(path, "a") as buffer:
         assert len(buffer) == 1
+    with pytest.raises(LabelBufferError, match="non-empty str or path.*got None"):
+        LabelBuffer(None)  # e.g. os.environ.get("BUFFER") unset
+    if pathlib.Path("/proc").is_dir() and os.statvfs("/proc").f_blocks == 0:
+        with pytest.raises(LabelBufferError, match="pseudo file system"):
+            LabelBuffer("/proc/labels.h5", "a")
 
 
 def test_one_writer_at_a_time(path):

@@ -198,6 +198,40 @@ def test_bad_checkpoints_give_checkpoint_errors(tmp_path, exported_emt, emt_chec
         FineTunableCalculator(exported_emt)
     with pytest.raises(ConfigError, match="unsupported dtype"):
         FineTunableCalculator(emt_checkpoint, dtype="float16")
+    with pytest.raises(CheckpointError, match="non-empty str or path, got None"):
+        FineTunableCalculator(None)  # e.g. os.environ.get("CKPT") unset
+    (tmp_path / "gen-0001").mkdir()
+    (tmp_path / "gen-0001" / "model.ckpt").write_bytes(emt_checkpoint.read_bytes())
+    with pytest.raises(CheckpointError, match=r"is a directory.*\['model.ckpt'\]"):
+        FineTunableCalculator(tmp_path / "gen-0001")
+    calc = FineTunableCalculator(emt_checkpoint)
+    with pytest.raises(ModelSwapError, match="is a directory"):
+        calc.swap_model(tmp_path / "gen-0001")
+    with pytest.raises(CheckpointError, match="names a directory"):
+        calc.save_checkpoint(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="its folder cannot be created"):
+        calc.save_checkpoint(tmp_path / "file.txt" / "model.ckpt")
+    assert calc.generation == 0
+
+
+def test_atoms_flown_thousands_of_angstrom_apart_are_refused():
+    """An exploded molecule (no cell) spanning 2500 Å in a plane killed the whole
+    process (SIGFPE in the neighbour list): now a clear error, and the calculator
+    still works on a sane structure afterwards."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    from ase_petft import demo_checkpoint
+
+    calc = FineTunableCalculator(demo_checkpoint())
+    flown = Atoms("H3", positions=[[0, 0, 0], [2500, 0, 0], [0, 2500, 0]])
+    flown.calc = calc
+    with pytest.raises(UnsupportedSystemError, match=r"span 2500 Å without a periodic cell"):
+        flown.get_potential_energy()
+    water = molecule("H2O")
+    water.calc = calc
+    assert np.isfinite(water.get_forces()).all()
 
 
 def test_unknown_elements_and_stress_without_cell(emt_checkpoint):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from conftest import assert_filters_only_gained_targeted_ignores, emt_frames
 
@@ -118,7 +119,9 @@ def test_config_accepts_settings_its_method_uses():
 
 
 def test_trainer_overrides_are_checked_by_metatrain(emt_checkpoint, tmp_path):
-    config = FineTuneConfig(**SGD_FAST, trainer_overrides={"not_a_hyper": 1})
+    with pytest.raises(ConfigError, match=r"does not know: \['not_a_hyper'\].*weight_decay"):
+        FineTuneConfig(**SGD_FAST, trainer_overrides={"not_a_hyper": 1})
+    config = FineTuneConfig(**SGD_FAST, trainer_overrides={"weight_decay": "lots"})
     with pytest.raises(FineTuneError, match="metatrain rejected"):
         finetune(emt_checkpoint, level_frames(4, seed=3), variant=NEW, config=config,
                  output_dir=tmp_path / "gen")
@@ -497,6 +500,21 @@ def test_failures_raise_finetune_error_and_leave_input_untouched(emt_checkpoint,
     with pytest.raises(FineTuneError, match="unknown variant 'energy/other'.*replay"):
         finetune(emt_checkpoint, good, variant=NEW, config=config, output_dir=tmp_path / "d",
                  replay={"energy/other": good})
+    with pytest.raises(ConfigError, match="replay names 'energy/reparam', the variant being"):
+        finetune(emt_checkpoint, good, variant=NEW, config=config, output_dir=tmp_path / "d",
+                 replay={NEW: good})
+    moved = good[0].copy()
+    moved.calc = SinglePointCalculator(moved, **good[0].calc.results)
+    moved.positions += 0.2  # results of the structure before the move
+    with pytest.raises(FineTuneError, match="frame 4's results are stale: its positions"):
+        finetune(emt_checkpoint, good + [moved], variant=NEW, config=config,
+                 output_dir=tmp_path / "d")
+    predicted = good[0].copy()
+    predicted.calc = FineTunableCalculator(emt_checkpoint)
+    predicted.get_forces()
+    with pytest.raises(FineTuneError, match="frame 0's results come from an ML model"):
+        finetune(emt_checkpoint, [predicted] + good, variant=NEW, config=config,
+                 output_dir=tmp_path / "d")
     with pytest.raises(FineTuneError, match="unknown variant.*inherit_from='energy'"):
         finetune(emt_checkpoint, good, variant=NEW, config=config.replace(inherit_from=None),
                  output_dir=tmp_path / "e")

@@ -15,7 +15,7 @@ from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from ase_petft.errors import LabellingError, PetftError
+from ase_petft.errors import ConfigError, LabellingError, PetftError
 from ase_petft.labelling import label, label_many
 
 from conftest import MetatomicLike, ModelLike
@@ -143,17 +143,19 @@ def test_model_predictions_are_refused_as_references(cls):
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="ase.Atoms"):
+    with pytest.raises(ConfigError, match="ase.Atoms"):
         label("Cu", EMT())
-    with pytest.raises(TypeError, match="ASE calculator"):
+    with pytest.raises(ConfigError, match="ASE calculator"):
         label(cu(), None)
-    with pytest.raises(ValueError, match="must include 'energy'"):
+    with pytest.raises(ConfigError, match=r"the class EMT; pass EMT\(...\)"):
+        label(cu(), EMT)
+    with pytest.raises(ConfigError, match="must include 'energy'"):
         label(cu(), EMT(), properties=("forces",))
-    with pytest.raises(ValueError, match=r"unknown: \['force'\]"):
+    with pytest.raises(ConfigError, match=r"unknown: \['force'\]"):
         label_many([cu()], EMT(), properties=("energy", "force"))
-    with pytest.raises(TypeError, match="sequence of names"):
+    with pytest.raises(ConfigError, match="sequence of names"):
         label(cu(), EMT(), properties="energy")
-    with pytest.raises(TypeError, match="frame 1 is a str"):
+    with pytest.raises(ConfigError, match="frame 1 is a str"):
         label_many([cu(), "Cu"], EMT())
 
 

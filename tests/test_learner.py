@@ -20,7 +20,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
 from ase_petft import (ConfigError, FineTunableCalculator, FineTuneConfig, LabelBuffer,
-                       PetftError)
+                       LabellingError, PetftError)
 from ase_petft.learner import (OnTheFlyLearner, RattleConfig, StepContext, always, every,
                                max_gap, min_gap, never, uncertainty_above)
 from ase_petft.learner.gate import GateConfig
@@ -65,6 +65,8 @@ def test_policies_compose_and_evaluate_uncertainty_lazily():
         every(0)
     with pytest.raises(ConfigError, match="combine with other policies"):
         every(2) | 3
+    with pytest.raises(ConfigError, match="for 50 meV/atom pass 0.05"):
+        uncertainty_above(50)  # meV meant: σ is in eV/atom
 
 
 @pytest.fixture
@@ -460,6 +462,43 @@ def test_uncertainty_is_larger_out_of_distribution(emt_checkpoint, method):
         FineTunableCalculator(emt_checkpoint, uncertainty="ensemble")
 
 
+def test_a_bad_uncertainty_fit_is_refused_and_keeps_the_fitted_one(emt_checkpoint):
+    """No labels, or a label with an element the model lacks: a TrainingDataError
+    naming it, and σ stays what the last good fit gave (before, the bad labels were
+    kept and every later σ failed deep inside metatrain)."""
+    from ase_petft.errors import TrainingDataError
+
+    calc = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    gold = emt_frames(1, seed=3, elements=("Cu", "Au"))[0]
+    with pytest.raises(TrainingDataError, match="got none"):
+        calc.fit_uncertainty([])
+    probe = emt_frames(1, seed=9)[0]
+    with pytest.raises(ConfigError, match="not fitted yet"):
+        calc.get_energy_uncertainty(probe)
+    train, held = emt_frames(6, seed=1), emt_frames(3, seed=2)
+    calc.fit_uncertainty(train, held)
+    sigma = calc.get_energy_uncertainty(probe)
+    with pytest.raises(TrainingDataError, match=r"frames\[6\] contains element\(s\) \['Au'\]"):
+        calc.fit_uncertainty(train + [gold], held)
+    with pytest.raises(TrainingDataError, match=r"calibration\[0\] contains element"):
+        calc.fit_uncertainty(train, [gold])
+    assert calc.get_energy_uncertainty(probe) == sigma
+
+
+def test_a_buffer_label_the_model_cannot_read_is_refused_at_start(run):
+    """A label of the variant with an element the model lacks, already in the buffer,
+    would fail every refit far from its cause: the learner refuses to start, naming
+    the label and the buffer."""
+    calc, _, buffer, workdir = run
+    gold = emt_frames(1, seed=3, elements=("Cu", "Au"))[0]
+    buffer.append(emt_frames(1, seed=4)[0], variant=calc.variant)
+    buffer.append(gold, variant=calc.variant)
+    with pytest.raises(ConfigError, match=r"label 1 of 'energy/emt' in buffer .*\['Au'\]"):
+        OnTheFlyLearner(calc, EMT(), buffer, workdir=workdir, background=False)
+    buffer.append(emt_frames(1, seed=5)[0], variant="energy")  # other variants: not its labels
+    assert len(buffer) == 3
+
+
 def test_posterior_sigma_is_calibrated_on_the_held_out_labels(emt_checkpoint):
     """Maximum-likelihood calibration on the calibration labels less their best
     per-element energy offset (the offset between levels moves no force): there
@@ -708,14 +747,14 @@ class RecordingEMT(EMT):
 
     seen: list = []
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, works_for: int = 0):
         super().__init__()
-        self.fail = fail
+        self.fail, self.works_for = fail, works_for  # fail after works_for good calls
         RecordingEMT.seen = []
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=None):
         RecordingEMT.seen.append(atoms.get_positions().copy())
-        if self.fail:
+        if self.fail and len(RecordingEMT.seen) > self.works_for:
             raise RuntimeError("SCF not converged")
         super().calculate(atoms, properties, system_changes or [])
 
@@ -755,6 +794,27 @@ def test_watchdog_rolls_back_an_exploding_model_with_no_reference_call_on_debris
 
 
 def test_watchdog_stops_a_run_whose_reference_keeps_failing(run):
+    """A reference that worked and then keeps failing: the structure is suspect, so the
+    watchdog rolls back, a bounded number of times, then stops."""
+    calc, atoms, buffer, workdir = run
+    reference = RecordingEMT(fail=True, works_for=3)
+    learner = OnTheFlyLearner(calc, reference, buffer, select=every(1), refit_every=1000,
+                              background=False, workdir=workdir, rattle=RattleConfig(every=0),
+                              watchdog=WatchdogConfig(max_consecutive_failures=2,
+                                                      max_rollbacks=2, snapshot_every=5))
+    dyn = _langevin(atoms)
+    learner.attach(dyn)
+    with pytest.raises(SimulationUnstableError, match="reference calls in a row failed"):
+        dyn.run(200)
+    # bounded: 3 good calls, then (max_rollbacks + 1) rounds of max_consecutive_failures
+    assert len(reference.seen) == 3 + 6
+    assert len(buffer) == 3 and len(buffer.failures()) == 6
+
+
+def test_a_reference_that_never_worked_stops_the_run_at_once(run):
+    """Failing from the run's first call on is a broken reference (a misconfigured DFT
+    setup), not an unphysical simulation: no rollbacks that cannot help, a message
+    that blames the reference, every failed call recorded."""
     calc, atoms, buffer, workdir = run
     reference = RecordingEMT(fail=True)
     learner = OnTheFlyLearner(calc, reference, buffer, select=every(1), refit_every=1000,
@@ -763,11 +823,12 @@ def test_watchdog_stops_a_run_whose_reference_keeps_failing(run):
                                                       max_rollbacks=2, snapshot_every=5))
     dyn = _langevin(atoms)
     learner.attach(dyn)
-    with pytest.raises(SimulationUnstableError, match="reference calls in a row failed"):
+    with pytest.raises(LabellingError, match=r"failed on all 2 calls of this run.*"
+                                             r"misconfigured.*SCF not converged"):
         dyn.run(200)
-    # bounded: (max_rollbacks + 1) rounds of max_consecutive_failures calls
-    assert len(reference.seen) == 6
-    assert len(buffer.failures()) == 6
+    assert len(reference.seen) == 2 and len(buffer.failures()) == 2
+    assert not any(r["event"] == "unphysical" for r in learner.history)
+    learner.close()
 
 
 def test_watchdog_stop_mode_and_its_validation(run):

@@ -24,8 +24,9 @@ Only load checkpoints you trust: they are Python pickles (``torch.load`` with
 from __future__ import annotations
 
 from ._state import install_warning_filters, preserved_logger_class
-from .checkpoints import (checkpoint_dict, copy_model, load_model, model_from_checkpoint,
-                          read_checkpoint, save_checkpoint, thaw)
+from .checkpoints import (checkpoint_dict, checkpoint_path, copy_model, load_model,
+                          model_from_checkpoint, output_file, read_checkpoint,
+                          save_checkpoint, thaw)
 from .heads import (add_variant, atomic_types, composition_weights, copy_variant_weights,
                     energy_target_info, energy_variants, interaction_cutoff, scale_weights,
                     set_composition_weights, variant_description)
@@ -43,7 +44,7 @@ __all__ = [
     "install_warning_filters", "preserved_logger_class", "import_metatrain", "routed_logs",
     "seeded",
     # checkpoints
-    "read_checkpoint", "model_from_checkpoint", "load_model", "copy_model", "thaw",
+    "read_checkpoint", "checkpoint_path", "output_file", "model_from_checkpoint", "load_model", "copy_model", "thaw",
     "checkpoint_dict", "save_checkpoint",
     # variants, heads, composition, scale
     "energy_variants", "atomic_types", "interaction_cutoff", "energy_target_info",

@@ -22,7 +22,13 @@ logger = logging.getLogger(__name__)
 
 def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
     """Load a metatrain checkpoint dict (a trusted pickle) and check it is a PET."""
-    path = pathlib.Path(path)
+    path = checkpoint_path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.ckpt"))[:5]
+        raise CheckpointError(
+            f"{str(path)!r} is a directory, not a checkpoint file; pass the checkpoint "
+            "file itself" + (f", e.g. one of {inside} in it" if inside else
+                             " (a generation folder holds model.ckpt)"))
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint file {str(path)!r} does not exist; pass the path of a "
@@ -113,10 +119,34 @@ def checkpoint_dict(model) -> Dict[str, Any]:
     return ckpt
 
 
+def checkpoint_path(path) -> pathlib.Path:
+    """``path`` as a Path; CheckpointError for what cannot name a file (None, "")."""
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+        raise CheckpointError(f"a checkpoint path must be a non-empty str or path, got "
+                              f"{path!r}; pass the path of a metatrain checkpoint (.ckpt)")
+    return pathlib.Path(path)
+
+
+def output_file(path, *, what: str = "a checkpoint", example: str = "model.ckpt"
+                ) -> pathlib.Path:
+    """``path`` as a file to be written, its folder created; CheckpointError (bad input)
+    when it names a directory or its folder cannot be created."""
+    path = checkpoint_path(path)
+    if path.is_dir() or not path.name or path.name in (".", ".."):
+        raise CheckpointError(f"cannot write {what} to {str(path)!r}: it names a "
+                              f"directory; give a file name, e.g. .../{example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {what} to {str(path)!r}: its folder "
+                              f"cannot be created ({type(exc).__name__}: {exc}); choose "
+                              "another path") from exc
+    return path
+
+
 def save_checkpoint(model, path: os.PathLike | str) -> pathlib.Path:
     """Write ``model`` as a metatrain checkpoint, atomically (tmp file + rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_file(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint_dict(model), tmp)
     os.replace(tmp, path)

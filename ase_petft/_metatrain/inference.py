@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..errors import ModelSwapError, WorkFailedError
+from .checkpoints import output_file
 from .heads import atomic_types, energy_target_info, energy_variants
 from ._state import pet_class, preserved_logger_class
 from .training import default_pet_hypers
@@ -139,8 +140,7 @@ def export_model(model, path: os.PathLike | str, *, variant: str, dtype=None) ->
     """
     from .predict import predict
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_file(path, what="an exported model", example="model.pt")
     if dtype is not None:
         model.to(dtype=dtype)
     probe = _probe(atomic_types(model))

@@ -91,6 +91,7 @@ from ase.data import chemical_symbols
 from .. import __version__
 from .. import _provenance as prov
 from ..errors import LabelBufferError
+from ..variants import validate_variant
 from . import exchange, file
 from .salvage import recover_buffer
 from .records import failure_record, label_record, pack_records, record_key, row_to_atoms
@@ -143,6 +144,10 @@ class LabelBuffer:
             settings = open_group(path, mode=mode, layout=layout, where=self._where)
             self._root = path
         else:
+            if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+                raise LabelBufferError(
+                    f"a label buffer path must be a non-empty str or path (or an open h5py "
+                    f"group), got {path!r}; e.g. LabelBuffer('labels.h5', mode='a')")
             self._path, self._owns = pathlib.Path(os.fspath(path)).absolute(), True
             self._where = repr(str(self._path))
             if mode != "r":  # like `open(..., "a")` in a new run folder: create it
@@ -337,7 +342,8 @@ class LabelBuffer:
         column = self._variant_column()
         if variant is None:
             return list(range(len(column)))
-        return np.flatnonzero(column == str(variant).encode()).tolist()
+        variant = validate_variant(variant)  # "pbe0" for "energy/pbe0" would match nothing
+        return np.flatnonzero(column == variant.encode()).tolist()
 
     def frames(self, variant: Optional[str] = None, *, skip_damaged: bool = False
                ) -> Iterator[Atoms]:

@@ -178,6 +178,9 @@ def check_free_space(path: pathlib.Path, needed: int) -> None:
     except (OSError, AttributeError):  # no statvfs (Windows) or an odd mount: try anyway
         return
     free = stats.f_bavail * stats.f_frsize
+    if stats.f_blocks == 0:  # a pseudo file system (/proc, /sys): nothing can be written there
+        raise LabelBufferError(f"cannot write a label buffer at {str(path)!r}: its folder is "
+                               "on a pseudo file system; choose a folder on a disk")
     if free < needed + FREE_SPACE_MARGIN:
         raise LabelBufferError(
             f"not enough free disk space for {str(path)!r}: {free / 2**20:.2f} MiB free, "

@@ -18,6 +18,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from .. import _provenance as prov
 from ..errors import LabelBufferError, VariantError
+from ..labels import stale_fields
 from ..variants import validate_variant
 from .table import ATOM_DTYPE, FRAME_DTYPE, VARIANT_BYTES
 
@@ -25,7 +26,6 @@ __all__ = ["Record", "label_record", "failure_record", "encode_metadata", "decod
            "build_atoms", "pack_records", "row_to_atoms", "check_variant"]
 
 MAX_DOCUMENT_BYTES = 1 << 20
-_STATE_FIELDS = ("positions", "numbers", "cell", "pbc")
 
 
 @dataclasses.dataclass
@@ -123,28 +123,15 @@ def _reference_results(atoms: Atoms, frame: object) -> Mapping[str, Any]:
     if calc_atoms is None:
         raise _fail("atoms.calc does not record which structure its results belong to "
                     "(atoms.calc.atoms is None)", frame, fix)
-    if _same_structure(calc_atoms, atoms):
-        return results
     try:
-        changes = calc.check_state(atoms)
+        stale = stale_fields(calc, atoms)
     except Exception as exc:
         raise _fail(f"cannot check that atoms.calc's results belong to this structure "
                     f"({type(exc).__name__}: {exc})", frame, fix) from exc
-    stale = [c for c in changes if c in _STATE_FIELDS]
     if stale:
         raise _fail(f"the results are stale: {', '.join(stale)} changed after the calculation",
                     frame, fix)
     return results
-
-
-def _same_structure(a: Atoms, b: Atoms) -> bool:
-    """Fast exact check; anything else goes through ASE's ``check_state``."""
-    try:
-        return (len(a) == len(b) and np.array_equal(a.numbers, b.numbers)
-                and np.array_equal(a.positions, b.positions)
-                and np.array_equal(a.cell.array, b.cell.array) and np.array_equal(a.pbc, b.pbc))
-    except Exception:
-        return False
 
 
 def _array(results: Mapping, key: str, shape: tuple, frame: object) -> np.ndarray:

@@ -50,7 +50,7 @@ def export_model(checkpoint: pathlib.Path, output: pathlib.Path, *, variant: str
     model = _metatrain.load_model(checkpoint)
     check_variant(model, variant)
     dtype = getattr(torch, dtype) if dtype else next(model.parameters()).dtype
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = _metatrain.output_file(output, what="an exported model", example="model.pt")
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
         exported = _metatrain.prepare_for_inference(model, dtype=dtype,

@@ -6,7 +6,7 @@ import os
 import pathlib
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ..errors import LabelBufferError, TrainingDataError
+from ..errors import ConfigError, LabelBufferError, TrainingDataError
 from ..labels import Label, labels_from_frames
 from ..variants import validate_variant
 
@@ -72,6 +72,11 @@ def group_by_variant(
     if replay is None:
         return groups
     if isinstance(replay, Mapping):
+        if variant in replay:
+            raise ConfigError(
+                f"replay names {variant!r}, the variant being trained: its labels would "
+                "count twice (and land in training and validation alike); pass them in "
+                "frames, and in replay only the other variants to keep")
         items = [(validate_variant(v), _frames_of(f, v)) for v, f in replay.items()]
     else:
         items = _split_by_info(_frames_of(replay, None))

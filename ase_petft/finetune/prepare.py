@@ -50,8 +50,10 @@ def prepare_run(checkpoint: pathlib.Path, frames, *, variant: str,
     groups = group_by_variant(frames, variant=variant, replay=replay,
                               ignore_frame_variants=ignore_frame_variants)
     if len(groups[variant]) < config.min_frames:
+        held = getattr(frames, "variants", None)  # a LabelBuffer names what it holds
+        held = f" (the buffer holds labels of {list(held)})" if isinstance(held, tuple) else ""
         raise TrainingDataError(
-            f"too few labelled frames for {variant!r}: got {len(groups[variant])}, "
+            f"too few labelled frames for {variant!r}: got {len(groups[variant])}{held}, "
             f"need at least min_frames={config.min_frames}; label more structures "
             "first (or lower FineTuneConfig.min_frames)"
         )

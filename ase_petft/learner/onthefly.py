@@ -43,6 +43,7 @@ import numpy as np
 
 from .._locks import ExclusiveLock
 from ..errors import ConfigError, LabellingError
+from ..labels import check_elements
 from . import _support as support
 from . import gate, review
 from . import workdir as wd
@@ -157,6 +158,7 @@ class OnTheFlyLearner:
         self._dynamics = dynamics
         self._probe_override = None
         self._review_wait = None  # (generation, labels) when a review last lacked labels
+        self._reference_worked = False  # a reference call of this run returned a label
         self._refit_source = (None, None)  # (generation, weights) the refit in flight started from
         self._replaced = (None, None)  # (generation, weights) the running generation replaced
         self.history: List[Dict[str, Any]] = []
@@ -183,9 +185,19 @@ class OnTheFlyLearner:
         """This variant's labels, in memory (read from the buffer once, on resume)."""
         return list(self._labels)
 
+    def _check_buffer_elements(self) -> None:
+        """Labels of this variant already in the buffer are trained on: one with an
+        element the model lacks would fail every refit, far from its cause."""
+        for i, atoms in enumerate(self._labels):
+            check_elements(atoms, self.calc.atomic_types, error=ConfigError,
+                           what=f"label {i} of {self.variant!r} in buffer {self.buffer.path}",
+                           fix="label this simulation into another buffer (or another "
+                               "variant name), or use a checkpoint that covers its elements")
+
     def _resume(self) -> None:
         wd.clean(self.workdir)
         self._labels = list(self.buffer.frames(variant=self.variant))
+        self._check_buffer_elements()
         frames = self._frames()
         self._known = {support.structure_key(a) for a in frames}
         self._n_labels = len(frames)
@@ -358,9 +370,27 @@ class OnTheFlyLearner:
         except LabellingError as exc:
             self.record_failure(atoms, exc, step=self._step, **metadata)
             self.watchdog.failures_in_a_row += 1
+            self._stop_if_reference_never_worked(exc)
             return None, time.perf_counter() - start
         self.watchdog.failures_in_a_row = 0
+        self._reference_worked = True
         return labelled, time.perf_counter() - start
+
+    def _stop_if_reference_never_worked(self, exc: LabellingError) -> None:
+        """Failures from the run's first reference call on blame the reference (a
+        misconfigured DFT setup), not the structure: rolling back the simulation cannot
+        help, so stop at once and say what failed."""
+        limit = self.watchdog.config.max_consecutive_failures
+        if self._reference_worked or self.watchdog.failures_in_a_row < limit:
+            return
+        self._event("stop", reason="the reference never worked")
+        raise LabellingError(
+            f"the reference calculator failed on all {self.watchdog.failures_in_a_row} calls "
+            f"of this run, from the first on: it is probably misconfigured, not the "
+            f"simulation unphysical. Last error: {exc}. Try it alone on the starting "
+            f"structure (ase_petft.label(atoms, reference)); the failed structures are "
+            f"recorded in the buffer (buffer.failures()) and {str(self.workdir)!r} is kept",
+            atoms=exc.atoms) from exc
 
     # ----------------------------------------------- labels computed elsewhere (Campaign)
     def knows(self, atoms) -> bool:

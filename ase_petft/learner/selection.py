@@ -119,6 +119,10 @@ def min_gap(n: int) -> Policy:
     return Policy(lambda ctx: ctx.steps_since_label >= n, f"min_gap({n})")
 
 
+#: thresholds from here on are a unit mistake (meV meant): σ is per atom, offset removed
+MAX_THRESHOLD = 1.0  # eV/atom
+
+
 def uncertainty_above(threshold_eV_per_atom: float) -> Policy:
     """Label when the calibrated energy uncertainty exceeds the threshold (eV/atom).
 
@@ -128,6 +132,11 @@ def uncertainty_above(threshold_eV_per_atom: float) -> Policy:
     threshold = float(threshold_eV_per_atom)
     if not threshold > 0:
         raise ConfigError(f"uncertainty threshold must be > 0 eV/atom, got {threshold!r}")
+    if threshold >= MAX_THRESHOLD:
+        raise ConfigError(
+            f"uncertainty threshold {threshold:g} eV/atom would never trigger (σ beyond a "
+            f"constant offset is meV/atom to tens of meV/atom); it is in eV/atom: for "
+            f"{threshold:g} meV/atom pass {threshold / 1000:g}")
 
     def predicate(ctx: StepContext) -> bool:
         sigma = ctx.uncertainty
