@@ -19,7 +19,7 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 
 from ase_petft import (Campaign, ConfigError, FineTunableCalculator, FineTuneConfig,
-                       LabelBuffer, Walker)
+                       LabelBuffer, LabellingError, Walker)
 from ase_petft._provenance import content_key
 from ase_petft.learner import RattleConfig, every, uncertainty_above
 from ase_petft.learner import workdir as wd
@@ -234,6 +234,33 @@ def test_a_walker_whose_references_always_fail_rolls_back_only_when_due(emt_chec
             failed_since_restore = 0
     assert unphysical >= 2 and all(b - a > 1 for a, b in zip(steps, steps[1:]))
     assert result.walkers["large"]["unphysical"] == unphysical
+
+
+def test_a_reference_that_never_worked_stops_the_campaign(emt_checkpoint, tmp_path):
+    """Every walker's requests fail from the first call on: a broken reference, not
+    unphysical walkers. The campaign stops with a LabellingError that says so, once
+    each walker had max_consecutive_failures failed calls, and no walker rolled back
+    forever. (One walker's structures failing while another's work is covered above.)"""
+    small = emt_frames(1, seed=5)[0]
+    other = emt_frames(1, seed=7)[0]
+    reference = _FailFor(len(small), 10**9)  # both walkers' structures have this size
+    watchdog = WatchdogConfig(max_temperature_K=1e5, bond_factor=0, max_consecutive_failures=2,
+                              snapshot_every=2)
+    walkers = [_walker("a", small, 400, seed=1), _walker("b", other, 400, seed=2)]
+    with LabelBuffer(tmp_path / "labels.h5", mode="w-") as buffer, Campaign(
+            emt_checkpoint, variant="energy/emt", reference=reference, buffer=buffer,
+            workdir=tmp_path / "campaign", select=every(3), refit_every=100,
+            watchdog=watchdog) as campaign:
+        with pytest.raises(LabellingError, match=r"for every walker, from the first on.*"
+                                                 r"misconfigured.*SCF did not converge"):
+            campaign.run(walkers)
+        failures = buffer.failures()
+        assert len(buffer) == 0
+    by_walker = [f.info["walker"] for f in failures]
+    assert by_walker.count("a") >= 2 and by_walker.count("b") >= 2
+    # bounded: the first walker goes on (one request in flight at a time) only until the
+    # second one's failures are in; 400 steps of every(3) would have asked ~130 times
+    assert len(failures) <= 10
 
 
 def test_coordinator_sigkill_then_restart_repeats_no_reference_call(emt_checkpoint, tmp_path):

@@ -165,6 +165,8 @@ class Campaign:
         self._pending: Dict[str, tuple] = {}  # structure key -> (request, future)
         self._answered: Dict[str, int] = {}  # walker -> its requests answered
         self._failures: Dict[str, int] = {}  # walker -> reference failures in a row
+        self._never_worked: Optional[Dict[str, int]] = {}
+        self._walker_names: frozenset = frozenset()
         self._restores: Dict[str, int] = {}  # walker -> restores the coordinator saw
         self._latest: Dict[str, Any] = {}  # walker -> its last snapshot message
         self._unsaved: set = set()  # walkers whose last snapshot is not on disk yet
@@ -194,6 +196,7 @@ class Campaign:
         walkers = _check_walkers(walkers)
         _check_run(self, client, stop_when_budget_spent, timeout_s)
         self._reset_run()
+        self._walker_names = frozenset(w.name for w in walkers)
         start = time.perf_counter()
         channel = DaskChannel(client=client) if client is not None else LocalChannel()
         labels, own_labels = self._label_pool(client, len(walkers))
@@ -253,6 +256,7 @@ class Campaign:
         """Per-run state: counts of this run, nothing in flight (a second run() on the
         same campaign starts clean; labels and generations carry over)."""
         self._pending, self._answered, self._failures, self._restores = {}, {}, {}, {}
+        self._never_worked: Optional[Dict[str, int]] = {}  # walker -> failures, until a label
         self._latest, self._unsaved, self._saved_at = {}, set(), 0.0
         self.reference_calls = self.failed_labels = 0
         self._rattle_pool = None
@@ -403,6 +407,7 @@ class Campaign:
         if message.get("rattled"):  # the coordinator's own request: no walker waits
             labelled = self._result(message, atoms, future, walker_failure=False)
             if labelled is not None:
+                self._never_worked = None
                 self.learner.record_label(labelled, step=message["step"],
                                           generation=message["generation"],
                                           wall_time_s=wall_time_s, walker=name,
@@ -413,7 +418,9 @@ class Campaign:
         self._answer(name)
         labelled = self._result(message, atoms, future, walker_failure=True)
         if labelled is None:
+            self._stop_if_reference_never_worked(name)
             return
+        self._never_worked = None
         self._failures[name] = 0
         holdout = self.learner.record_label(labelled, step=message["step"],
                                             generation=message["generation"],
@@ -423,6 +430,29 @@ class Campaign:
         self._save_uncertainty()
         if self.learner.rattle_due():
             self._request_rattled(message, atoms, holdout)
+
+    def _stop_if_reference_never_worked(self, name: str) -> None:
+        """Every walker's requests failed, from the run's first call on: the reference is
+        broken (a misconfigured DFT setup), not the walkers' structures. Rolling each
+        walker back cannot help: stop the run and say so."""
+        if self._never_worked is None:
+            return
+        self._never_worked[name] = self._never_worked.get(name, 0) + 1
+        limit = self.learner.watchdog.config.max_consecutive_failures
+        if set(self._never_worked) < self._walker_names or min(self._never_worked.values()) < limit:
+            return
+        self.learner.event("stop", reason="the reference never worked")
+        last = self._last_failure()
+        raise LabellingError(
+            f"the reference calculator failed on all {self.failed_labels} calls of this "
+            f"campaign, for every walker, from the first on: it is probably misconfigured, "
+            f"not the walkers' structures unphysical. Last error: {last}. Try it alone on a "
+            f"starting structure (ase_petft.label(atoms, reference)); the failed structures "
+            f"are recorded in the buffer (buffer.failures()) and {str(self.workdir)!r} is kept")
+
+    def _last_failure(self) -> str:
+        rows = [r for r in self.learner.history if r.get("event") == "label_failed"]
+        return rows[-1].get("error", "?") if rows else "?"
 
     def _result(self, message, atoms, future, *, walker_failure: bool):
         """The labelled structure of a finished reference call, or None with the failure
