@@ -13,6 +13,7 @@ fitted. Measured side by side in one run, calls interleaved, each call on moved 
 - ``σ, own pass``: the same σ computed by its own pass (what it cost before).
 
     python benchmarks/bench_sigma_step.py [--checkpoint CKPT] [--repeats 30] [--sizes 9 64 256]
+                                          [--device cuda]
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(sizes, repeats, checkpoint):
+def bench(sizes, repeats, checkpoint, device="cpu"):
     from ase_petft import FineTunableCalculator
 
-    plain = FineTunableCalculator(checkpoint)
-    fitted = FineTunableCalculator(checkpoint)
+    plain = FineTunableCalculator(checkpoint, device=device)
+    fitted = FineTunableCalculator(checkpoint, device=device)
     rows = []
     for n in sizes:
         atoms = _structure(n)
@@ -99,14 +100,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--sizes", type=int, nargs="+", default=[9, 64, 256],
                         help="9: acetamide; otherwise a random organic cell of that size")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     import torch
 
     from ase_petft import demo_checkpoint
 
     torch.set_num_threads(1)
-    rows = bench(args.sizes, args.repeats, args.checkpoint or demo_checkpoint())
-    print(f"# ms per call, median of {args.repeats}, 1 thread; a step with σ = forces + σ")
+    rows = bench(args.sizes, args.repeats, args.checkpoint or demo_checkpoint(), args.device)
+    print(f"# ms per call, median of {args.repeats}, 1 thread, {args.device}; "
+          "a step with σ = forces + σ")
     print("| atoms | forces, σ not fitted | forces, σ fitted | σ of that structure "
           "| σ, own pass | step before | step now | now / before | max rel. σ diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

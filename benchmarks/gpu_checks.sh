@@ -3,6 +3,7 @@
 # optionally the demo backbone's training stage. Writes logs under $OUT (default ./gpu-out).
 #
 #   bash benchmarks/gpu_checks.sh tests scale            # CUDA tests + scale benchmark
+#   bash benchmarks/gpu_checks.sh sigma                  # σ's cost per MD step on cuda
 #   bash benchmarks/gpu_checks.sh train WORKDIR SECONDS  # train_demo_model.py --stage train
 #
 # ``train`` times one epoch first and then trains as many epochs (10-60) as fit in
@@ -27,6 +28,10 @@ while [ $# -gt 0 ]; do
       extra=""; [ "$1" = scale-quick ] && extra="--skip-jacobians"
       python3 benchmarks/bench_scale.py --device cuda --out /tmp/bench-scale $extra 2>&1 \
         | grep -v "Warning\|warnings.warn" | tee "$out/bench_scale.log" || status=1
+      shift ;;
+    sigma)
+      python3 benchmarks/bench_sigma_step.py --device cuda --sizes 9 256 1024 2>&1 \
+        | grep -v "Warning\|warnings.warn" | tee "$out/bench_sigma.log" || status=1
       shift ;;
     train)
       work=$2 seconds=$3
