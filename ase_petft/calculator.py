@@ -225,6 +225,12 @@ class FineTunableCalculator(Calculator):
                 del results["stress"]
             self.results = results
 
+    def _model_lock(self):
+        """The lock under which the live module runs: the calculator's passes and its
+        uncertainty's own (they change which parameters require grad for their
+        duration, so two must never overlap)."""
+        return self._lock
+
     def _feature_params(self):
         """The last-layer parameters of this variant (the same tensor objects for the
         calculator's life: swaps copy into them in place)."""
@@ -424,15 +430,16 @@ def _unoptimised_torchscript():
 class _collect_gradients:
     """Inside the block ``params`` require grad and collect the gradient of the
     backward pass run there (metatomic's force pass); the value is the list of those
-    gradients (empty when ``params`` is, or when a pass did not reach them). The
-    parameters never require grad outside: the live module stays frozen for
-    everything else."""
+    gradients (empty when ``params`` is, or when a pass did not reach them). Their
+    ``requires_grad`` is restored after (the live module stays frozen for everything
+    else) and no gradient is left on them."""
 
     def __init__(self, params):
         self.params = params
         self.grads: List = []
 
     def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
         for p in self.params:
             p.grad = None
             p.requires_grad_(True)
@@ -440,8 +447,8 @@ class _collect_gradients:
 
     def __exit__(self, *exc):
         grads = [p.grad for p in self.params]
-        for p in self.params:
-            p.requires_grad_(False)
+        for p, flag in zip(self.params, self.flags):
+            p.requires_grad_(flag)
             p.grad = None
         if exc[0] is None and grads and all(g is not None for g in grads):
             self.grads.extend(grads)

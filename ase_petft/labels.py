@@ -65,11 +65,39 @@ def same_structure(a, b) -> bool:
 
 def stale_fields(calc, atoms) -> List[str]:
     """What changed in ``atoms`` since ``calc`` computed its results (positions,
-    numbers, cell, pbc; empty when nothing did). Raises what ``calc.check_state``
-    raises."""
+    numbers, cell, pbc; empty when nothing did, or nothing that changes the labels:
+    atoms wrapped into a periodic cell, a molecule moved as a whole or given another
+    cell). Raises what ``calc.check_state`` raises."""
     if same_structure(calc.atoms, atoms):
         return []
-    return [c for c in calc.check_state(atoms) if c in STATE_FIELDS]
+    changed = [c for c in calc.check_state(atoms) if c in STATE_FIELDS]
+    if changed and _same_physics(calc.atoms, atoms):
+        return []
+    return changed
+
+
+def _same_physics(old, new, tol: float = 1e-6) -> bool:
+    """Whether ``new`` is ``old`` up to what moves no label: for a cell periodic in
+    all directions, atoms shifted by lattice vectors (``wrap()``) and a common shift;
+    without any periodic direction, a common shift (``center()``), whatever the cell."""
+    if (len(old) != len(new) or not np.array_equal(old.numbers, new.numbers)
+            or not np.array_equal(old.pbc, new.pbc)):
+        return False
+    shift = new.positions - old.positions
+    if new.pbc.all():
+        cell = np.asarray(new.cell)
+        if not np.allclose(np.asarray(old.cell), cell, rtol=0, atol=tol):
+            return False
+        fractional = np.linalg.solve(cell.T, shift.T).T
+        shift = (fractional - np.round(fractional)) @ cell
+        shift -= shift.mean(axis=0)  # a common shift: modulo the lattice, atom by atom
+        reduced = np.linalg.solve(cell.T, shift.T).T
+        shift = (reduced - np.round(reduced)) @ cell
+    elif not new.pbc.any():
+        shift = shift - shift.mean(axis=0)
+    else:
+        return False  # slabs and wires: not worth the cases
+    return bool(np.abs(shift).max() <= tol)
 
 
 def _check_reference(atoms, index: int) -> None:
@@ -95,7 +123,10 @@ def _check_reference(atoms, index: int) -> None:
     if stale:
         raise TrainingDataError(
             f"frame {index}'s results are stale: its {', '.join(stale)} changed after they "
-            f"were computed, so they are not its labels; {fix}")
+            f"were computed (or several frames share one calculator, which holds only the "
+            f"last one's results), so they are not its labels; label each frame with the "
+            f"reference, or attach its own results once the structure is final: "
+            f"frame.calc = SinglePointCalculator(frame, energy=..., forces=...)")
 
 
 def to_label(atoms, index: int) -> Label:

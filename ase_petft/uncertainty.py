@@ -118,6 +118,7 @@ class EnergyUncertainty:
         """Fit on labelled ``frames`` of the calculator's variant; calibrate on
         ``calibration`` (held-out labels; default: ``frames`` themselves, which makes
         σ optimistic)."""
+        frames, calibration = _materialised(frames), _materialised(calibration)
         if calibration is None:
             logger.info("calibrating the uncertainty on its own training frames")
             calibration = frames
@@ -132,6 +133,8 @@ class EnergyUncertainty:
                 self._refit()
             except BaseException:
                 self._train, self._calibration, self._converted, self._loaded = before
+                if self.method == "llpr":  # refitted in place: a half-done fit is not
+                    self._llpr, self._generation = None, None  # kept, σ refits it
                 raise
 
     def _checked(self, labels: list, what: str) -> list:
@@ -176,9 +179,10 @@ class EnergyUncertainty:
                 self._fit_posterior()
                 self._generation = calc.generation
                 return
-            if self._llpr is None:
-                self._llpr = _metatrain.LLPR(calc.model, calc.variant)
-            self._llpr.fit(self._train, self._calibration)
+            with calc._model_lock():
+                if self._llpr is None:
+                    self._llpr = _metatrain.LLPR(calc.model, calc.variant)
+                self._llpr.fit(self._train, self._calibration)
             self._generation = calc.generation
         logger.info("LLPR uncertainty fitted on %d frames (generation %d)",
                     len(self._train), self._generation)
@@ -202,30 +206,38 @@ class EnergyUncertainty:
                 self._refit()
             if self.method == "posterior":
                 return self._posterior_sigma(atoms_list)
-            sigmas = self._llpr.energy_sigma(atoms_list)
+            with calc._model_lock():
+                sigmas = self._llpr.energy_sigma(atoms_list)
         return [s / len(a) for s, a in zip(sigmas, atoms_list)]
 
     # ------------------------------------------------------------------ posterior
-    def _phi(self, atoms_list) -> np.ndarray:
-        """Per-atom last-layer features, cached per structure for this generation."""
+    def _phi(self, atoms_list, *, keep: bool = True) -> np.ndarray:
+        """Per-atom last-layer features. ``keep``: cache them per structure for this
+        generation (the labelled structures, needed at every refit; not the structures
+        σ is asked for, one per MD step: the cache would grow for the whole run)."""
         from . import _metatrain
 
         calc = self._calc
         keys = [_key(a) for a in atoms_list]
+        found = {k: self._features[k] for k in keys if k in self._features}
         missing = []
         for k, a in zip(keys, atoms_list):
-            if k in self._features:
+            if k in found:
                 continue
             row = calc._last_features(a)  # the force pass of this structure gave it
             if row is None:
                 missing.append((k, a))
             else:
-                self._features[k] = row / len(a)
+                found[k] = row / len(a)
         if missing:
-            phi = _metatrain.energy_features(calc.model, calc.variant, [a for _, a in missing])
+            with calc._model_lock():
+                phi = _metatrain.energy_features(calc.model, calc.variant,
+                                                 [a for _, a in missing])
             for (k, a), row in zip(missing, phi):
-                self._features[k] = row / len(a)
-        return np.array([self._features[k] for k in keys])
+                found[k] = row / len(a)
+        if keep:
+            self._features.update(found)
+        return np.array([found[k] for k in keys])
 
     def _fit_posterior(self) -> None:
         gram = self._normal_matrix()
@@ -256,8 +268,9 @@ class EnergyUncertainty:
         new = [(k, label) for k, label in unique.items() if k not in keys]
         if new:
             calc = self._calc
-            rows = _metatrain.heads_rows(calc.model, calc.variant, [lab for _, lab in new],
-                                         config=ROW_CONFIG)
+            with calc._model_lock():
+                rows = _metatrain.heads_rows(calc.model, calc.variant,
+                                             [lab for _, lab in new], config=ROW_CONFIG)
             for A, _, w, kind in rows:
                 w = w * np.where(kind == "energy", 1.0, FORCE_ROWS)
                 part = (A * w[:, None]).T @ A
@@ -290,15 +303,16 @@ class EnergyUncertainty:
         keys = [_key(a) for a in atoms_list]
         missing = [(k, a) for k, a in zip(keys, atoms_list) if k not in self._energies]
         if missing:
-            predicted = _metatrain.predict(calc.model, [a for _, a in missing], calc.variant,
-                                           forces=False, stress=False)
+            with calc._model_lock():
+                predicted = _metatrain.predict(calc.model, [a for _, a in missing],
+                                               calc.variant, forces=False, stress=False)
             for (k, _), p in zip(missing, predicted):
                 self._energies[k] = p["energy"]
         return [self._energies[k] for k in keys]
 
     def _posterior_sigma(self, atoms_list) -> list:
         inverse, scale2 = self._posterior
-        raw = self._raw_variance(self._phi(list(atoms_list)), inverse)
+        raw = self._raw_variance(self._phi(list(atoms_list), keep=False), inverse)
         return [float(np.sqrt(scale2 * v)) for v in raw]
 
 
@@ -315,6 +329,13 @@ def _without_level_offset(residual: np.ndarray, atoms_list) -> tuple:
         return residual, len(residual)
     offset, *_ = np.linalg.lstsq(fractions, residual, rcond=None)
     return residual - fractions @ offset, len(residual) - rank
+
+
+def _materialised(frames):
+    """A one-shot iterator (a generator) as a list: the frames are read more than once."""
+    if frames is not None and hasattr(frames, "__next__"):
+        return list(frames)
+    return frames
 
 
 def _unchanged(label, frame) -> bool:

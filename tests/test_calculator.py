@@ -198,6 +198,15 @@ def test_bad_checkpoints_give_checkpoint_errors(tmp_path, exported_emt, emt_chec
         FineTunableCalculator(exported_emt)
     with pytest.raises(ConfigError, match="unsupported dtype"):
         FineTunableCalculator(emt_checkpoint, dtype="float16")
+    ckpt = torch.load(emt_checkpoint, weights_only=False)
+    info = ckpt["model_data"]["dataset_info"]
+    from metatrain.utils.data.target_info import get_energy_target_info
+
+    info.targets["energy"] = get_energy_target_info(
+        "energy", {"unit": "kcal/mol", "description": info.targets["energy"].description})
+    torch.save(ckpt, tmp_path / "kcal.ckpt")
+    with pytest.raises(CheckpointError, match=r"'energy' in 'kcal/mol'.*eV and Å only"):
+        FineTunableCalculator(tmp_path / "kcal.ckpt")
     with pytest.raises(CheckpointError, match="non-empty str or path, got None"):
         FineTunableCalculator(None)  # e.g. os.environ.get("CKPT") unset
     (tmp_path / "gen-0001").mkdir()

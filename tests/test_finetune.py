@@ -28,6 +28,7 @@ from conftest import assert_filters_only_gained_targeted_ignores, emt_frames
 from ase_petft import ConfigError, FineTunableCalculator, FineTuneError, InputError
 from ase_petft.config import FineTuneConfig, FineTuneResult
 from ase_petft.finetune import finetune, finetune_calculator
+from ase_petft.labels import labels_from_frames
 from ase_petft.metrics import calculator_errors
 
 NEW = "energy/reparam"
@@ -505,10 +506,19 @@ def test_failures_raise_finetune_error_and_leave_input_untouched(emt_checkpoint,
                  replay={NEW: good})
     moved = good[0].copy()
     moved.calc = SinglePointCalculator(moved, **good[0].calc.results)
-    moved.positions += 0.2  # results of the structure before the move
+    moved.positions[0] += 0.2  # results of the structure before the move
     with pytest.raises(FineTuneError, match="frame 4's results are stale: its positions"):
         finetune(emt_checkpoint, good + [moved], variant=NEW, config=config,
                  output_dir=tmp_path / "d")
+    wrapped = good[1].copy()  # labelled, then wrapped into its cell: still its labels
+    wrapped.calc = good[1].calc
+    wrapped.positions[0] -= wrapped.cell[0]
+    wrapped.wrap()
+    oracle = wrapped.copy()
+    oracle.calc = ReparamEMT()
+    [label] = labels_from_frames([wrapped])
+    assert label.energy == pytest.approx(oracle.get_potential_energy(), abs=1e-8)
+    np.testing.assert_allclose(label.forces, oracle.get_forces(), atol=1e-8)
     predicted = good[0].copy()
     predicted.calc = FineTunableCalculator(emt_checkpoint)
     predicted.get_forces()

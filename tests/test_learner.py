@@ -483,6 +483,14 @@ def test_a_bad_uncertainty_fit_is_refused_and_keeps_the_fitted_one(emt_checkpoin
     with pytest.raises(TrainingDataError, match=r"calibration\[0\] contains element"):
         calc.fit_uncertainty(train, [gold])
     assert calc.get_energy_uncertainty(probe) == sigma
+    calc.fit_uncertainty(iter(train), (a for a in held))  # one-shot iterators are read once
+    assert calc.get_energy_uncertainty(probe) == pytest.approx(sigma, rel=1e-12)
+    cached = len(calc._uncertainty._features)
+    for atoms in emt_frames(5, seed=11):  # σ of new structures, as MD asks it each step
+        atoms.calc = calc
+        atoms.get_forces()
+        calc.get_energy_uncertainty(atoms)
+    assert len(calc._uncertainty._features) == cached  # no cache growing with the run
 
 
 def test_a_buffer_label_the_model_cannot_read_is_refused_at_start(run):

@@ -82,7 +82,26 @@ def model_from_checkpoint(ckpt: Dict[str, Any], *, source: str = "checkpoint"):
     if merge_lora(model):  # e.g. an `mtt train` LoRA run: W + (alpha/rank) B A
         model.finetune_config = {}
         logger.info("merged the LoRA adapters of %s into plain PET weights", source)
+    _check_units(model, source)
     return model
+
+
+def _check_units(model, source: str) -> None:
+    """Labels, refits and the uncertainty work in eV and Å, and evaluate the raw module
+    (which does no unit conversion): a checkpoint in other units would be refitted
+    against labels off by the conversion factor."""
+    info = model.dataset_info
+    length = str(info.length_unit or "").strip().lower()
+    wrong = [] if length in ("", "angstrom", "a", "å") else [f"length unit {info.length_unit!r}"]
+    for name, target in info.targets.items():
+        unit = str(getattr(target, "unit", "") or "").strip()
+        if getattr(target, "quantity", "energy") == "energy" and unit not in ("", "eV", "ev"):
+            wrong.append(f"{name!r} in {unit!r}")
+    if wrong:
+        raise CheckpointError(
+            f"{source} predicts in other units than eV and Å ({', '.join(wrong)}); "
+            "ase_petft fine-tunes and labels in eV and Å only: train the model with "
+            "energies in eV and lengths in angstrom")
 
 
 def load_model(path: os.PathLike | str):

@@ -751,6 +751,7 @@ class OnTheFlyLearner:
                             "after it, so its review is still to come (a resumed run does "
                             "it on its first labels)", self.calc.generation)
         self._own_executor = None
+        self._replaced = self._refit_source = (None, None)  # model copies: free them
         self._lock.release()
 
     def __enter__(self) -> "OnTheFlyLearner":
