@@ -236,7 +236,7 @@ def test_a_calculators_fresh_variant_gets_the_level_offset_at_its_first_refit(
 def test_jacobian_force_wise_equals_feature_wise(emt_checkpoint):
     """Two exact ways to the heads rows must agree: one reverse pass per last-layer
     parameter, or one per independent force/strain component (3N − 3 positions, the
-    last atom's rows from translation invariance, the strain's upper triangle)."""
+    last atom's rows from translation invariance, the 9 strain components)."""
     from ase.calculators.emt import EMT
 
     from ase_petft import _metatrain
@@ -261,6 +261,36 @@ def test_jacobian_force_wise_equals_feature_wise(emt_checkpoint):
         np.testing.assert_allclose(B, A, rtol=0, atol=1e-6 * np.abs(A).max())
         np.testing.assert_array_equal(by_feature[3], by_force[3])
     assert "stress" in rows["forces"][0][3] and "stress" not in rows["forces"][1][3]
+
+
+def test_heads_rows_of_the_models_own_prediction_have_zero_residuals(emt_checkpoint):
+    """A label equal to what the calculator predicts (energy, forces, and its stress:
+    the symmetric part of the strain derivative) must leave nothing to fit: every
+    residual of the heads rows vanishes, stress included, on a sheared cell in float64
+    (PET is not exactly rotation-invariant, so the strain derivative is not exactly
+    symmetric: rows from its upper triangle left ~3 % of the off-diagonal stress)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from ase_petft import _metatrain
+    from ase_petft.labels import labels_from_frames
+
+    calc = FineTunableCalculator(emt_checkpoint, dtype="float64")
+    atoms = emt_frames(1, seed=3)[0]
+    atoms.set_cell(atoms.cell.array + [[0, 0.3, 0.2], [0.1, 0, 0.4], [0.2, 0.3, 0]],
+                   scale_atoms=True)
+    atoms.calc = calc
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+               "stress": atoms.get_stress()}
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    [(A, y, w, kind)] = _metatrain.heads_rows(calc.model, "energy", labels_from_frames([atoms]),
+                                              config=FineTuneConfig(rotations=0))
+    assert kind.tolist().count("stress") == 6
+    scale = np.abs(results["stress"]).max() * atoms.cell.volume / len(atoms)
+    assert np.abs(y[kind == "stress"]).max() < 1e-9 * scale
+    assert np.abs(y[kind == "forces"]).max() < 1e-9 * np.abs(results["forces"]).max()
+    predicted = _metatrain.predict(calc.model, [atoms], "energy")[0]["stress"]
+    np.testing.assert_allclose(predicted, results["stress"], rtol=0,
+                               atol=1e-10 * np.abs(results["stress"]).max())
 
 
 def test_linear_solver_keeps_the_parent_when_nothing_predicts_better(emt_checkpoint, tmp_path):

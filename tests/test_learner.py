@@ -142,6 +142,57 @@ def test_in_process_refits_read_no_checkpoint_and_swap_what_they_wrote(run, monk
     check_in_memory_refits(calc, atoms, buffer, workdir, monkeypatch)
 
 
+def test_the_first_refit_is_probed_on_the_simulations_structure(run):
+    """Attached with dyn.attach (the learner knows no atoms, only the calculator's), the
+    do-no-harm forces on rattled label copies went through the calculator right before
+    the stability probe took the calculator's structure: the probe got a copy without
+    momenta and silently did not run. Now it runs, from the simulation's structure."""
+    calc, atoms, buffer, workdir = run
+    learner = OnTheFlyLearner(
+        calc, EMT(), buffer, select=every(2), refit_every=4, background=False,
+        workdir=workdir, holdout_fraction=0.25, tolerance=10.0, rattle=RattleConfig(every=0),
+        config=FineTuneConfig(keep_parent_unless_better=False),
+        gate=GateConfig(probe_steps=5, probe_max_drift_eV_per_atom=10.0, harm_factor=1e9))
+    dyn = _langevin(atoms)
+    dyn.attach(learner, interval=1)
+    dyn.run(10)
+    learner.close()
+    decision = json.loads((workdir / "gen-0001" / "decision.json").read_text())
+    assert "stability" in decision["checks"]
+    assert calc.atoms is not None and np.array_equal(calc.atoms.positions, atoms.positions)
+
+
+def test_an_abandoned_refit_that_finishes_later_is_never_swapped_in(run, emt_checkpoint,
+                                                                   monkeypatch):
+    """A thread cannot be stopped: after close(abandon=True) (an exception inside
+    ``with learner:``) the refit runs on and writes an accepted decision. A learner
+    started later on the same work directory, in the same process, must not resume it."""
+    import threading
+
+    from ase_petft.learner import gate
+
+    calc, atoms, buffer, workdir = run
+    release, real_refit = threading.Event(), gate.run_refit
+    monkeypatch.setattr(gate, "run_refit", lambda spec: release.wait(60) and real_refit(spec))
+    learner = _accepting_learner(calc, buffer, workdir, background=True)
+    dyn = _langevin(atoms)
+    learner.attach(dyn)
+    while not learner.refit_in_progress:
+        dyn.run(1)
+    learner.close(abandon=True)  # the refit has not even started training
+    release.set()
+    decision = workdir / "gen-0001" / "decision.json"
+    deadline = time.time() + 120
+    while not decision.is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    assert json.loads(decision.read_text())["accepted"]  # it did finish, accepted
+    again = FineTunableCalculator(emt_checkpoint, variant="energy/emt")
+    with OnTheFlyLearner(again, EMT(), buffer, workdir=workdir, background=False) as resumed:
+        assert again.generation == 0
+        with pytest.raises(ConfigError, match="these can: \\[0\\]"):
+            resumed.rollback(1)
+
+
 def check_in_memory_refits(calc, atoms, buffer, workdir, monkeypatch):
     """(Also run on cuda by test_cuda.py.)"""
     from ase_petft import _metatrain
@@ -819,6 +870,29 @@ def test_watchdog_stops_a_run_whose_reference_keeps_failing(run):
     assert len(buffer) == 3 and len(buffer.failures()) == 6
 
 
+def test_watchdog_restores_the_atoms_under_a_cell_filter(run):
+    """An optimiser of a FrechetCellFilter holds the filter as its atoms: a restore
+    must put back the Atoms under it (it crashed: the filter has no set_cell), and the
+    run ends with the documented error once rollbacks do not help."""
+    from ase.filters import FrechetCellFilter
+
+    calc, atoms, buffer, workdir = run
+    cell = atoms.cell.copy()
+    learner = OnTheFlyLearner(calc, RecordingEMT(fail=True, works_for=3), buffer,
+                              select=every(1), refit_every=1000, background=False,
+                              workdir=workdir, rattle=RattleConfig(every=0),
+                              watchdog=WatchdogConfig(max_consecutive_failures=2,
+                                                      snapshot_every=2))
+    opt = BFGS(FrechetCellFilter(atoms), logfile=None)
+    learner.attach(opt)
+    with pytest.raises(SimulationUnstableError, match="reference calls in a row failed"):
+        opt.run(fmax=1e-6, steps=60)
+    events = [r["event"] for r in learner.history]
+    assert events.count("restored") >= 2  # each one put the Atoms back, then went on
+    assert not np.allclose(atoms.cell.array, cell)  # the optimiser did move the cell
+    learner.close()
+
+
 def test_a_reference_that_never_worked_stops_the_run_at_once(run):
     """Failing from the run's first call on is a broken reference (a misconfigured DFT
     setup), not an unphysical simulation: no rollbacks that cannot help, a message
@@ -851,6 +925,50 @@ def test_watchdog_stop_mode_and_its_validation(run):
     with pytest.raises(SimulationUnstableError, match="temperature"):
         dyn.run(200)
     assert dyn.nsteps < 200
+
+
+def test_watchdog_reads_the_target_of_every_ase_thermostat(emt_checkpoint):
+    """Each ASE thermostat keeps its target under its own name and unit (kT in eV, or
+    K); read once from the first temperature, a 1600 K Berendsen run heating from
+    300 K was stopped as 'unphysical' (limit 3 x 278 K), and a Langevin ramp was
+    ignored. Oracle: the temperature each was built with, and after set_temperature."""
+    from ase.md.andersen import Andersen
+    from ase.md.bussi import Bussi
+    from ase.md.nose_hoover_chain import NoseHooverChainNVT
+    from ase.md.melchionna import MelchionnaNPT
+    from ase.md.nptberendsen import NPTBerendsen
+    from ase.md.nvtberendsen import NVTBerendsen
+    from ase.md.velocitydistribution import thermalize_momenta
+
+    from ase_petft.learner.watchdog import Watchdog, _target_temperature
+
+    atoms = emt_frames(1, seed=5)[0]
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    fs, target = units.fs, 1600.0
+    made = {
+        "Langevin": lambda: Langevin(atoms, fs, temperature_K=target, friction=0.01),
+        "NVTBerendsen": lambda: NVTBerendsen(atoms, fs, temperature_K=target, taut=20 * fs),
+        "NPTBerendsen": lambda: NPTBerendsen(atoms, fs, temperature_K=target, taut=20 * fs,
+                                             pressure_au=0.0, compressibility_au=1e-6),
+        "NoseHooverChainNVT": lambda: NoseHooverChainNVT(atoms, fs, temperature_K=target,
+                                                         tdamp=100 * fs),
+        "MelchionnaNPT": lambda: MelchionnaNPT(atoms, fs, temperature_K=target,
+                                               externalstress=0.0, ttime=25 * fs,
+                                               pfactor=None),
+        "Andersen": lambda: Andersen(atoms, fs, temperature_K=target, andersen_prob=0.01),
+        "Bussi": lambda: Bussi(atoms, fs, temperature_K=target, taut=100 * fs),
+    }
+    for name, build in made.items():
+        assert _target_temperature(build()) == pytest.approx(target, rel=1e-9), name
+    assert _target_temperature(VelocityVerlet(atoms, fs)) is None
+    ramp = Langevin(atoms, fs, temperature_K=300.0, friction=0.01)
+    watchdog = Watchdog(WatchdogConfig())
+    atoms.calc = FineTunableCalculator(emt_checkpoint)
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+    thermalize_momenta(atoms, temperature_K=2500, rng=np.random.default_rng(1))
+    assert "temperature" in watchdog.check(atoms, results, dynamics=ramp)  # > 1300 K
+    ramp.set_temperature(temperature_K=2000.0)
+    assert watchdog.check(atoms, results, dynamics=ramp) is None  # limit 3 x 2000 K now
 
 
 def test_fragment_count_oracle():

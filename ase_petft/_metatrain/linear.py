@@ -172,8 +172,12 @@ def _rows(model, variant: str, label: Label, params, config):
         # metatrain's loss sees the strain gradient (stress × volume) per atom, so the
         # stress rows are in those units too; in eV/Å³ they would weigh ~V²/n² less
         volume = abs(label.atoms.cell.volume)
+        # symmetric parts: PET is not exactly rotation-invariant, so ∂E/∂ε is not exactly
+        # symmetric, while stress labels (and the calculator's stress) are
         j_s = jac[1].reshape(len(g), 3, 3) / n
+        j_s = (j_s + j_s.transpose(0, 2, 1)) / 2
         s0 = e0[1].detach().double().cpu().numpy() / n
+        s0 = (s0 + s0.T) / 2
         voigt = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
         add(j_s[:, voigt[0], voigt[1]].T, label.stress * volume / n - s0[voigt[0], voigt[1]],
             config.stress_weight / 6, "stress")
@@ -195,7 +199,7 @@ def _jacobian(energy, params, inputs, *, forces: bool, mode: str = "auto",
     reverse pass per last-layer parameter (backward of g to the inputs), ``"forces"``
     one per independent input component (backward of ∂E/∂x, built with
     ``create_graph``, to θ: 3N − 3 positions, the last atom's follow by translation
-    invariance, and the upper triangle of the strain, the lower one left NaN);
+    invariance, and the 9 strain components);
     ``"auto"`` takes the one with fewer passes. Passes run batched
     (``is_grads_batched``) in chunks sized to ``JACOBIAN_MEMORY_BYTES``.
     """
@@ -218,8 +222,8 @@ def _jacobian(energy, params, inputs, *, forces: bool, mode: str = "auto",
     g = torch.cat([x.reshape(-1) for x in grads])
     # passes only for the components that are independent: the last atom's rows follow
     # from translation invariance (PET sees positions only through differences, so the
-    # position derivatives of any feature sum to zero over the atoms), and a strain
-    # derivative is needed only for the upper triangle (the stress rows, Voigt order)
+    # position derivatives of any feature sum to zero over the atoms); the strain's 9
+    # components all get a pass (the stress rows use its symmetric part)
     picks = [_independent(k, x) for k, x in enumerate(inputs)]
     flat = torch.cat([d.reshape(-1)[pick] for d, pick in zip(e0, picks)])
     rows = np.concatenate([b[0] for b in _batched(flat, params, len(flat), graph_bytes,
@@ -235,16 +239,11 @@ def _jacobian(energy, params, inputs, *, forces: bool, mode: str = "auto",
     return g.detach(), [x.detach() for x in e0], jac
 
 
-UPPER_STRAIN = torch.tensor([0, 4, 8, 5, 2, 1])  # xx yy zz yz xz xy of a flattened 3×3
-
-
 def _independent(k: int, x) -> "torch.Tensor":
     """Flat indices of input ``k`` (0: positions (N, 3), 1: strain (3, 3)) whose mixed
-    derivatives need a pass; the strain's lower triangle stays NaN (never used)."""
+    derivatives need a pass."""
     if k == 0 and x.shape[0] > 1:
         return torch.arange(x.numel() - 3)
-    if k == 1:
-        return UPPER_STRAIN
     return torch.arange(x.numel())
 
 

@@ -76,6 +76,7 @@ def _unpack(block, chunk, forces: bool, stress: bool) -> List[Dict[str, np.ndarr
         grad = block.gradient("strain").values.detach().double().reshape(-1, 3, 3).cpu().numpy()
         for i, atoms in enumerate(chunk):
             if np.all(atoms.pbc) and atoms.cell.volume > 0:
-                full = grad[i] / atoms.cell.volume
+                # the symmetric part, as the calculator's stress (metatomic's Voigt)
+                full = (grad[i] + grad[i].T) / 2 / atoms.cell.volume
                 out[i]["stress"] = full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
     return out

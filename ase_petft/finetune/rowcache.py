@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RowCache", "label_key", "row_setting", "load", "save", "cache_path"]
 
-VERSION = 1
+VERSION = 2  # 2: stress rows from the symmetric part of the strain derivative
 
 
 def label_key(label: Label) -> str:

@@ -80,10 +80,16 @@ def validate_more(config, properties, refit_threads, reference_timeout) -> None:
         raise ConfigError(f"config must be a FineTuneConfig, got {type(config).__name__}; "
                           "build one with FineTuneConfig(**settings)")
     allowed = ("energy", "forces", "stress")
+    if properties is None:  # the default: see OnTheFlyLearner.properties_for
+        return _validate_rest(refit_threads, reference_timeout)
     props = tuple(properties) if isinstance(properties, (list, tuple)) else None
     if not props or any(p not in allowed for p in props) or "energy" not in props:
         raise ConfigError(f"properties must be a tuple of {allowed} that includes 'energy' "
                           f"(the model is fitted to energies), got {properties!r}")
+    _validate_rest(refit_threads, reference_timeout)
+
+
+def _validate_rest(refit_threads, reference_timeout) -> None:
     if refit_threads is not None and (isinstance(refit_threads, bool)
                                       or not isinstance(refit_threads, int) or refit_threads < 1):
         raise ConfigError(f"refit_threads must be None or a positive integer, got "

@@ -124,7 +124,7 @@ class Campaign:
     def __init__(self, checkpoint, *, variant: str = "energy", reference, buffer, workdir,
                  select: Optional[Policy] = None, refit_every: int = 10, config=None,
                  holdout_fraction: float = 0.2, max_labels: Optional[int] = None,
-                 tolerance: float = 0.0, properties=("energy", "forces"), gate=None,
+                 tolerance: float = 0.0, properties=None, gate=None,
                  watchdog: Optional[WatchdogConfig] = None,
                  reference_timeout: Optional[float] = None, label_executor=None,
                  refit_executor=None, inherit_from: Optional[str] = "energy",
@@ -155,7 +155,7 @@ class Campaign:
             self.calc, reference, buffer, select=never(), refit_every=refit_every,
             config=config, background=True, holdout_fraction=holdout_fraction,
             max_labels=max_labels, workdir=workdir, executor=refit_executor,
-            tolerance=tolerance, properties=tuple(properties), refit_threads=refit_threads,
+            tolerance=tolerance, properties=properties, refit_threads=refit_threads,
             gate=gate, reference_timeout=reference_timeout, rattle=rattle)
         # the walkers' policy, not the coordinator's never(), says whether σ is needed
         self.learner._needs_uncertainty = self.select.expensive

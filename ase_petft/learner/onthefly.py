@@ -78,8 +78,10 @@ class OnTheFlyLearner:
     :param executor: a ``concurrent.futures.Executor`` for refits.
     :param tolerance: accept a refit whose held-out error is at most this fraction
         worse than the current model's (default 0: must not be worse).
-    :param properties: what the reference computes (``"stress"`` is added for periodic
-        cells when listed).
+    :param properties: what the reference computes. Default: energy and forces, and
+        the stress of cells periodic in all directions when the reference implements
+        it (variable-cell runs need stress labels). A tuple is used as given (its
+        ``"stress"`` only for periodic cells).
     :param refit_threads: torch threads of a background refit (1 keeps the MD fast on
         small machines; see DESIGN.md, thread trap). While such a refit runs in this
         process's thread pool, the simulation's thread uses the remaining cores
@@ -109,7 +111,7 @@ class OnTheFlyLearner:
                  refit_every: int = 10, config=None, background: bool = True,
                  holdout_fraction: float = 0.2, max_labels: Optional[int] = None,
                  workdir=None, atoms=None, executor=None, tolerance: float = 0.0,
-                 properties=("energy", "forces"), refit_threads: Optional[int] = 1,
+                 properties=None, refit_threads: Optional[int] = 1,
                  dynamics=None, watchdog: Optional[WatchdogConfig] = None,
                  gate: Optional[GateConfig] = None,
                  reference_timeout: Optional[float] = None,
@@ -140,7 +142,9 @@ class OnTheFlyLearner:
         self.refit_every, self.background = int(refit_every), bool(background)
         self.config = config if config is not None else FineTuneConfig()
         self.holdout_fraction, self.max_labels = float(holdout_fraction), max_labels
-        self.tolerance, self.properties = float(tolerance), tuple(properties)
+        self.tolerance = float(tolerance)
+        self.properties = _default_properties(reference) if properties is None else tuple(
+            properties)
         self.refit_threads = refit_threads
         self.workdir = pathlib.Path(workdir) if workdir else pathlib.Path(
             tempfile.mkdtemp(prefix="petft-learner-"))
@@ -151,7 +155,7 @@ class OnTheFlyLearner:
                               f"{exc}") from exc
         self._lock = ExclusiveLock(self.workdir / "learner", busy=support.workdir_busy,
                                    unusable=support.workdir_unusable)
-        self._atoms, self._executor = atoms, executor
+        self._atoms, self._executor = _unfiltered(atoms), executor
         self._own_executor = None
         self._future: Optional[concurrent.futures.Future] = None
         self._step, self._calls, self._since_label = 0, 0, 0
@@ -299,7 +303,7 @@ class OnTheFlyLearner:
     def _live_atoms(self):
         if self._atoms is not None:
             return self._atoms
-        return getattr(self._dynamics, "atoms", None)
+        return _unfiltered(getattr(self._dynamics, "atoms", None))
 
     def _md_step(self) -> int:
         """Steps of this run, after those of the runs this work directory resumes."""
@@ -494,6 +498,7 @@ class OnTheFlyLearner:
         self._attempt += 1
         in_process = self._executor is None or isinstance(
             self._executor, concurrent.futures.ThreadPoolExecutor)
+        probe_atoms = self._probe_atoms()  # the simulation's structure, taken first
         spec = gate.RefitSpec(
             source_checkpoint=self._current_checkpoint(),
             source_generation=self.calc.generation, train=train, holdout=holdout,
@@ -504,7 +509,7 @@ class OnTheFlyLearner:
             source_model=self.calc.model_copy() if in_process else None,
             return_model=in_process,
             anchor=self._anchor_set(holdout), harm=self._harm_set(train),
-            probe_atoms=self._probe_atoms(), gate=self.gate, device=self.calc.device,
+            probe_atoms=probe_atoms, gate=self.gate, device=self.calc.device,
         )
         self._labels_at_refit = self._n_labels
         # the running generation's weights, kept in memory while this refit runs and,
@@ -579,12 +584,16 @@ class OnTheFlyLearner:
         return self._harm
 
     def _forces(self, frames) -> list:
-        out = []
-        for frame in frames:
-            probe = frame.copy()
-            probe.calc = self.calc
-            out.append(probe.get_forces().copy())
-        return out
+        """The running model's forces on ``frames``, the way the gate evaluates a
+        candidate on them, and without passing them through the calculator: its cached
+        structure stays the simulation's (the stability probe and the swap's energy
+        jump start from it)."""
+        from .. import _metatrain
+
+        with self.calc._model_lock():
+            predicted = _metatrain.predict(self.calc.model, frames, self.variant,
+                                           forces=True, stress=False)
+        return [p["forces"] for p in predicted]
 
     def _probe_atoms(self):
         live = self._probe_override if self._probe_override is not None else self._live_atoms()
@@ -739,6 +748,9 @@ class OnTheFlyLearner:
             return  # closed already
         self._event("close", observer_calls=self._calls)
         if abandon and self.refit_in_progress:
+            folder = wd.gen_dir(self.workdir, self._attempt)
+            folder.mkdir(parents=True, exist_ok=True)
+            wd.write_json(folder / wd.ABANDONED, {"generation": self._attempt})
             self._event("refit_abandoned", generation=self._attempt)
             logger.warning("abandoned refit %d in flight (its folder is left unfinished)",
                            self._attempt)
@@ -765,3 +777,22 @@ class OnTheFlyLearner:
                "n_labels": self._n_labels, "time": time.time(), **fields}
         self.history.append(row)
         wd.append_history(self.workdir, row)
+
+
+def _unfiltered(atoms):
+    """The Atoms under ASE filters (``FrechetCellFilter``, ``FixSymmetry`` wrappers...):
+    an optimiser's ``atoms`` may be one, and only the Atoms can be restored."""
+    from ase import Atoms
+
+    for _ in range(8):  # filters of filters
+        if atoms is None or isinstance(atoms, Atoms):
+            return atoms
+        atoms = getattr(atoms, "atoms", None)
+    return atoms
+
+
+def _default_properties(reference) -> tuple:
+    """Energy and forces, and stress when the reference implements it (used for cells
+    periodic in all directions only, see :meth:`OnTheFlyLearner.properties_for`)."""
+    implemented = getattr(reference, "implemented_properties", None) or ()
+    return ("energy", "forces") + (("stress",) if "stress" in implemented else ())

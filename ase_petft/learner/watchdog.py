@@ -3,8 +3,9 @@
 Checked at every observer call, on what the step already computed (no extra model
 or reference calls):
 
-- temperature far above the thermostat's target (``max(3 T, T + 1000 K)``; target
-  from the dynamics' ``temp`` when it has one, else the first observed temperature);
+- temperature far above the thermostat's target (``max(3 T, T + 1000 K)``; the target
+  read every step from ASE's thermostats — Langevin, Andersen, Bussi, Berendsen NVT/NPT,
+  Nose-Hoover chains, NPT, LangevinBAOAB —, else the first observed temperature);
 - forces beyond any sane range (``max_force_eV_per_A``);
 - a jump of the potential energy per atom between two steps of the same model
   (a swap resets the reference: a new variant's first swap shifts the energy);
@@ -120,8 +121,11 @@ class Watchdog:
         if not atoms.has("momenta"):
             return None
         temperature = float(atoms.get_temperature())
-        if self._target_K is None:
-            self._target_K = _target_temperature(dynamics) or temperature
+        target = _target_temperature(dynamics)  # every step: thermostats may ramp it
+        if target:
+            self._target_K = target
+        elif self._target_K is None:  # no thermostat: the first observed temperature
+            self._target_K = temperature
         limit = self.config.max_temperature_K or max(3.0 * self._target_K,
                                                      self._target_K + 1000.0)
         if temperature > limit:
@@ -244,15 +248,37 @@ class Watchdog:
 
 
 def _target_temperature(dynamics) -> Optional[float]:
+    """The thermostat's target temperature in K, read from ASE's dynamics classes (each
+    keeps it under its own name and unit), or None without a thermostat."""
     from ase import units
 
-    temp = getattr(dynamics, "temp", None)  # Langevin, Andersen, ...: kT in eV
-    if temp is None:
+    if dynamics is None:
         return None
+    kelvin = getattr(dynamics, "temperature_K", None)  # LangevinBAOAB
+    kT = getattr(dynamics, "temp", None)  # Langevin, Andersen, Bussi: kT in eV
+    if kT is None:  # Nose-Hoover chains keep it in their thermostat
+        kT = getattr(getattr(dynamics, "_thermostat", None), "_kT", None)
+    temperature = getattr(dynamics, "temperature", None)
+    if kelvin is None and kT is None and temperature is not None:
+        if _is_instance(dynamics, "ase.md.nvtberendsen", "NVTBerendsen"):
+            kelvin = temperature  # NVT/NPTBerendsen: K
+        elif _is_instance(dynamics, "ase.md.melchionna", "MelchionnaNPT"):
+            kT = temperature  # NPT (Melchionna): kT in eV
     try:
-        return float(temp) / units.kB
+        if kelvin is not None:
+            return float(kelvin)
+        return None if kT is None else float(kT) / units.kB
     except (TypeError, ValueError):
         return None
+
+
+def _is_instance(obj, module: str, name: str) -> bool:
+    import importlib
+
+    try:
+        return isinstance(obj, getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError):
+        return False
 
 
 def count_fragments(atoms, bond_factor: float) -> int:

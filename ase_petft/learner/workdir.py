@@ -37,6 +37,9 @@ __all__ = ["DECISION", "CURRENT", "HISTORY", "gen_dir", "checkpoint_of", "decisi
            "clean", "walker_state_path", "uncertainty_path"]
 
 DECISION = "decision.json"
+#: written into a refit's folder when its learner closed without it: a thread cannot be
+#: stopped, so the refit may still finish and write an accepted decision there later
+ABANDONED = "abandoned.json"
 CURRENT = "current.json"
 HISTORY = "history.jsonl"
 
@@ -58,9 +61,12 @@ def uncertainty_path(workdir: pathlib.Path, generation: int) -> pathlib.Path:
 
 
 def decisions(workdir: pathlib.Path) -> List[Dict[str, Any]]:
-    """Every finished refit's decision, oldest first (unfinished folders skipped)."""
+    """Every finished refit's decision, oldest first (unfinished and abandoned folders
+    skipped)."""
     found = []
     for folder in sorted(pathlib.Path(workdir).glob("gen-[0-9][0-9][0-9][0-9]")):
+        if (folder / ABANDONED).is_file():
+            continue
         data = read_json(folder / DECISION)
         if data is not None:
             found.append(data)
