@@ -121,3 +121,22 @@ def validate(calc, reference, buffer, select, refit_every, holdout_fraction,
         raise ConfigError(f"max_labels must be None or a positive integer, got {max_labels!r}")
     if not float(tolerance) >= 0.0:
         raise ConfigError(f"tolerance must be >= 0, got {tolerance!r}")
+
+
+def unfiltered(atoms):
+    """The Atoms under ASE filters (``FrechetCellFilter``, ``FixSymmetry`` wrappers...):
+    an optimiser's ``atoms`` may be one, and only the Atoms can be restored."""
+    from ase import Atoms
+
+    for _ in range(8):  # filters of filters
+        if atoms is None or isinstance(atoms, Atoms):
+            return atoms
+        atoms = getattr(atoms, "atoms", None)
+    return atoms
+
+
+def default_properties(reference) -> tuple:
+    """Energy and forces, and stress when the reference implements it (used for cells
+    periodic in all directions only, see :meth:`OnTheFlyLearner.properties_for`)."""
+    implemented = getattr(reference, "implemented_properties", None) or ()
+    return ("energy", "forces") + (("stress",) if "stress" in implemented else ())

@@ -143,8 +143,8 @@ class OnTheFlyLearner:
         self.config = config if config is not None else FineTuneConfig()
         self.holdout_fraction, self.max_labels = float(holdout_fraction), max_labels
         self.tolerance = float(tolerance)
-        self.properties = _default_properties(reference) if properties is None else tuple(
-            properties)
+        self.properties = (support.default_properties(reference) if properties is None
+                           else tuple(properties))
         self.refit_threads = refit_threads
         self.workdir = pathlib.Path(workdir) if workdir else pathlib.Path(
             tempfile.mkdtemp(prefix="petft-learner-"))
@@ -155,7 +155,7 @@ class OnTheFlyLearner:
                               f"{exc}") from exc
         self._lock = ExclusiveLock(self.workdir / "learner", busy=support.workdir_busy,
                                    unusable=support.workdir_unusable)
-        self._atoms, self._executor = _unfiltered(atoms), executor
+        self._atoms, self._executor = support.unfiltered(atoms), executor
         self._own_executor = None
         self._future: Optional[concurrent.futures.Future] = None
         self._step, self._calls, self._since_label = 0, 0, 0
@@ -303,7 +303,7 @@ class OnTheFlyLearner:
     def _live_atoms(self):
         if self._atoms is not None:
             return self._atoms
-        return _unfiltered(getattr(self._dynamics, "atoms", None))
+        return support.unfiltered(getattr(self._dynamics, "atoms", None))
 
     def _md_step(self) -> int:
         """Steps of this run, after those of the runs this work directory resumes."""
@@ -778,21 +778,3 @@ class OnTheFlyLearner:
         self.history.append(row)
         wd.append_history(self.workdir, row)
 
-
-def _unfiltered(atoms):
-    """The Atoms under ASE filters (``FrechetCellFilter``, ``FixSymmetry`` wrappers...):
-    an optimiser's ``atoms`` may be one, and only the Atoms can be restored."""
-    from ase import Atoms
-
-    for _ in range(8):  # filters of filters
-        if atoms is None or isinstance(atoms, Atoms):
-            return atoms
-        atoms = getattr(atoms, "atoms", None)
-    return atoms
-
-
-def _default_properties(reference) -> tuple:
-    """Energy and forces, and stress when the reference implements it (used for cells
-    periodic in all directions only, see :meth:`OnTheFlyLearner.properties_for`)."""
-    implemented = getattr(reference, "implemented_properties", None) or ()
-    return ("energy", "forces") + (("stress",) if "stress" in implemented else ())
