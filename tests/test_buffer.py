@@ -536,6 +536,14 @@ def test_import_extxyz_traj_and_db(path, tmp_path):
         buffer.import_file(tmp_path / "custom.xyz", variant="energy/emt", energy_key="REF_energy",
                            forces_key="REF_forces", skip_duplicates=False)  # == a.xyz
         assert len(buffer) == 12
+        both = [frame.copy() for frame in custom]  # with the file's own results as well
+        for frame, source in zip(both, frames):
+            frame.calc = source.calc
+        ase.io.write(tmp_path / "both.xyz", both)
+        with pytest.raises(LabelBufferError, match=r"no info key 'REF_enrgy' for the energy"):
+            buffer.import_file(tmp_path / "both.xyz", variant="energy/ref",
+                               energy_key="REF_enrgy", forces_key="REF_forces")  # a typo
+        assert len(buffer) == 12 and "energy/ref" not in buffer.variants
         assert len(buffer.import_file(tmp_path / "a.xyz", variant="energy/emt")) == 0
         assert len(buffer.import_file(tmp_path / "a.xyz", variant="energy/other")) == 3
         assert len(buffer.indices("energy/emt")) == 12

@@ -20,8 +20,8 @@ from ase_petft import (CheckpointError, FineTunableCalculator, FineTuneConfig,
                        FineTuneError, LabelBuffer)
 from ase_petft.cli import build_parser, main
 from ase_petft.cli.finetune import config_from_args
-from ase_petft.errors import (ConfigError, LabellingError, TrainingDataError, UsageError,
-                              exit_code)
+from ase_petft.errors import (ConfigError, LabelBufferError, LabellingError, TrainingDataError,
+                              UsageError, exit_code)
 from ase_petft.learner import OnTheFlyLearner, every
 from ase_petft.learner.gate import GateConfig
 from ase_petft.report import write_report
@@ -181,6 +181,23 @@ def test_buffer_import_validates_every_input_first(tmp_path, labels_xyz, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not buffer.exists()  # the good first file was not imported either
+
+
+def test_index_selects_labels_from_a_buffer_as_from_a_file(tmp_path):
+    """`petft finetune --index` was ignored for a buffer (all its labels trained)."""
+    from ase_petft.buffer.sources import read_labels
+
+    path = tmp_path / "labels.h5"
+    frames = emt_frames(5, seed=3)
+    with LabelBuffer(path, mode="w-") as buffer:
+        buffer.extend(frames[:2], variant="energy/other")
+        buffer.extend(frames, variant="energy/emt")
+    keys = [a.positions.tobytes() for a in frames]
+    for index, want in ((":", keys), ("1:3", keys[1:3]), ("-1", keys[-1:]), ("0", keys[:1])):
+        got = read_labels(path, "energy/emt", index=index)
+        assert [a.positions.tobytes() for a in got] == want, index
+    with pytest.raises(LabelBufferError, match="index '9' does not select"):
+        read_labels(path, "energy/emt", index="9")
 
 
 # ---------------------------------------------------------------------- finetune

@@ -320,6 +320,23 @@ def test_a_refused_candidate_still_brings_the_new_levels_energy_offset(parts, ke
     np.testing.assert_allclose(probe.get_forces(), start_forces, atol=1e-5)
     exported = folder / "model.pt"  # and the swapped generation's export agrees
     assert exported.is_file()
+    # what the decision (and the report) give as the generation's errors are those of
+    # the weights that run, not of the refused candidate: oracle, a fresh calculator on
+    # the swapped checkpoint against the held-out labels
+    from ase_petft.metrics import calculator_errors
+    from ase_petft.report import generation_table, load_run
+
+    held = [a for a in buffer.frames(calc.variant) if a.info.get("holdout")]
+    held = held[:decision["n_holdout"]]  # those there were when the refit started
+    running = FineTunableCalculator(folder / "model.ckpt", variant=calc.variant)
+    oracle = calculator_errors(held, running)
+    for key in ("forces_mae_meV_per_A", "energy_mae_meV_per_atom"):
+        assert decision["new"][key] == pytest.approx(oracle[key], rel=1e-3, abs=1e-3)
+    assert decision["refused_new"]["forces_mae_meV_per_A"] != pytest.approx(
+        oracle["forces_mae_meV_per_A"], rel=1e-3)
+    [row] = [r for r in generation_table(load_run(workdir)) if r["generation"] == 1]
+    assert row["new_forces_mae_meV_per_A"] == pytest.approx(
+        oracle["forces_mae_meV_per_A"], rel=1e-3)
 
 
 def test_a_stale_energy_offset_is_refitted_when_the_candidate_is_refused(emt_checkpoint,

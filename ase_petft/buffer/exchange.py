@@ -56,22 +56,30 @@ def read_labelled(path, *, index, format: Optional[str], energy_key: Optional[st
     if not frames:
         raise LabelBufferError(f"{str(path)!r} holds no structures at index {index!r}.")
     out = []
-    for atoms in frames:
-        atoms = _with_results_from_keys(atoms, energy_key, forces_key, stress_key)
+    for i, atoms in enumerate(frames):
+        atoms = _with_results_from_keys(atoms, energy_key, forces_key, stress_key, i, path)
         out.append((atoms, _json_info(atoms.info)))
     return out
 
 
-def _with_results_from_keys(atoms: Atoms, energy_key, forces_key, stress_key) -> Atoms:
+def _with_results_from_keys(atoms: Atoms, energy_key, forces_key, stress_key, index: int,
+                            path) -> Atoms:
     if not (energy_key or forces_key or stress_key):
         return atoms
     results = dict(atoms.calc.results) if atoms.calc is not None else {}
     atoms = atoms.copy()
-    for name, key, source in (("energy", energy_key, atoms.info),
-                              ("forces", forces_key, atoms.arrays),
-                              ("stress", stress_key, atoms.info)):
-        if key is not None and key in source:
+    for name, key, source, where in (("energy", energy_key, atoms.info, "info"),
+                                     ("forces", forces_key, atoms.arrays, "arrays"),
+                                     ("stress", stress_key, atoms.info, "info")):
+        if key is None:
+            continue
+        if key in source:
             results[name] = source.pop(key)
+        elif not (key == name and name in results):  # ASE's reader moved it there
+            raise LabelBufferError(
+                f"frame {index} of {str(path)!r} has no {where} key {key!r} for the "
+                f"{name}; it has {sorted(set(source) | set(results))}. Check the key's "
+                "spelling: the file's own results are not used in its place")
     atoms.calc = SinglePointCalculator(atoms, **results)
     return atoms
 

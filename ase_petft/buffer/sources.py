@@ -73,5 +73,21 @@ def read_labels(path: pathlib.Path, variant: str, *, index: str = ":") -> List:
     if not path.is_file():
         raise LabelBufferError(f"no labelled frames at {str(path)!r}: the file does not exist")
     if is_buffer(path):
-        return buffer_frames(path, variant)
+        return _indexed(buffer_frames(path, variant), index, path)
     return file_frames(path, variant, index=index)
+
+
+def _indexed(frames: List, index, path) -> List:
+    """``frames[index]`` for an ASE index string (":", "0:4", "-10:", "3"), counted over
+    the frames of the variant, as ``ase.io.read`` counts a file's frames."""
+    from ase.io.formats import string2index
+
+    if index in (None, ":"):
+        return frames
+    try:
+        chosen = string2index(str(index))
+        picked = frames[chosen]
+    except (ValueError, IndexError) as exc:
+        raise LabelBufferError(f"index {index!r} does not select labels of {str(path)!r} "
+                               f"({len(frames)} of the variant): {exc}") from exc
+    return picked if isinstance(chosen, slice) else [picked]

@@ -273,6 +273,9 @@ def _offset_fallback(spec: RefitSpec, weights, checkpoint: pathlib.Path,
         return None, (False, text)
     os.replace(checkpoint, checkpoint.with_name(REFUSED))
     _metatrain.save_checkpoint(fallback, checkpoint)
+    # the errors of what runs now (reports read "new"); the refused weights' are kept apart
+    decision["refused_new"] = decision.get("new")
+    decision.update(old=old, new=new)
     return fallback, (True, text)
 
 
