@@ -168,6 +168,9 @@ def test_buffer_import_info_export_round_trip(tmp_path, labels_xyz, capsys):
     assert main(["buffer", "export", str(buffer), "-o", str(out), "--variant",
                  "energy/nope"]) == 2
     assert "energy/emt" in capsys.readouterr().err
+    for command in ("export", "recover"):  # an output under a regular file: bad input
+        assert main(["buffer", command, str(buffer), "-o", str(out / "x")]) == 2
+        assert "its folder cannot be created" in capsys.readouterr().err
 
 
 def test_buffer_import_validates_every_input_first(tmp_path, labels_xyz, capsys):

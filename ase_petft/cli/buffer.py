@@ -191,7 +191,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     path = existing_file(args.file, "label buffer")
     variant = None if args.variant is None else validate_variant(args.variant)
-    output = pathlib.Path(args.output)
+    output = _writable_output(args.output)
     if output.is_dir():
         raise UsageError(f"output {args.output!r} is a directory; give a file name")
     with LabelBuffer(path, mode="r") as buffer:
@@ -253,10 +253,21 @@ def run_recover(args: argparse.Namespace) -> int:
     from ..buffer import recover_buffer
 
     path = existing_file(args.file, "label buffer")
-    output = pathlib.Path(args.output)
+    output = _writable_output(args.output)
     if output.exists():
         raise UsageError(f"output {args.output!r} exists; recovery writes a new file")
     counts = recover_buffer(path, output)
     print(f"{output}: recovered {counts['labels']} labels ({counts['labels_lost']} lost) and "
           f"{counts['failures']} failure records ({counts['failures_lost']} lost) from {path}")
     return EXIT_OK
+
+
+def _writable_output(name: str) -> pathlib.Path:
+    """The output path, its folder created; bad input (exit 2) when that cannot be."""
+    output = pathlib.Path(name)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write {name!r}: its folder cannot be created "
+                         f"({type(exc).__name__}: {exc}); choose another path") from exc
+    return output
